@@ -1,0 +1,41 @@
+# streamgroup developer commands. `make run` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: help setup system-deps run test lint format bench status clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed  ## create .venv with the package and its development tools
+
+system-deps:  ## install the Debian packages the tests need (.ci/apt-packages)
+	.ci/install-system-deps
+
+run: setup  ## run producer, 3 consumers and reclaimer against an embedded Valkey (or $$STREAMGROUP_REDIS_URL)
+	$(PY) -m streamgroup.devstack
+
+test: setup system-deps  ## run the whole test suite, as CI does
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup  ## check style without changing files
+	$(PY) -m ruff check services tests bench
+	$(PY) -m ruff format --check services tests bench
+
+format: setup  ## format and fix files
+	$(PY) -m ruff format services tests bench
+	$(PY) -m ruff check --fix services tests bench
+
+bench: setup system-deps  ## run the benchmark suite and rewrite docs/benchmarks.md
+	$(PY) -m bench
+
+clean:  ## remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache build dist services/*.egg-info
