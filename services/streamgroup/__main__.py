@@ -1,0 +1,3 @@
+from streamgroup.cli import main
+
+main()

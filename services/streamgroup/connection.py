@@ -1,0 +1,63 @@
+"""The one place a Redis client is made: URL, password file, TLS; and the server-version gate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, AuthorizationError, ResponseError
+
+from streamgroup.errors import RedisRefusedError
+from streamgroup.settings import Settings, read_password_file
+
+MIN_REDIS_VERSION = (7, 0)
+MIN_VALKEY_VERSION = (7, 2)
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "decode_responses": False,  # fields may be binary; a bad entry must not break a whole read
+        "health_check_interval": 30,
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+    }
+    if settings.redis_password_file is not None:
+        options["password"] = read_password_file(settings.redis_password_file)
+    if settings.redis_ca_file is not None:
+        options["ssl_ca_certs"] = str(settings.redis_ca_file)
+    if settings.redis_cert_file is not None and settings.redis_key_file is not None:
+        options["ssl_certfile"] = str(settings.redis_cert_file)
+        options["ssl_keyfile"] = str(settings.redis_key_file)
+    return options
+
+
+def create_client(settings: Settings, **overrides: Any) -> aioredis.Redis:
+    options = client_options(settings) | overrides
+    return aioredis.Redis.from_url(settings.redis_url.get_secret_value(), **options)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:2])
+
+
+async def check_server(client: aioredis.Redis) -> str:
+    """Return 'redis 7.0.15' or 'valkey 9.1.2'; raise RedisRefusedError on a server too old for us."""
+    try:
+        info = await client.info("server")
+    except (AuthenticationError, AuthorizationError) as exc:
+        raise RedisRefusedError(f"Redis refused the credentials: {exc}") from exc
+    except ResponseError as exc:
+        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc) or "NOPERM" in str(exc):
+            raise RedisRefusedError(f"Redis refused the credentials: {exc}") from exc
+        raise
+    if "valkey_version" in info:
+        name, version, minimum = "valkey", str(info["valkey_version"]), MIN_VALKEY_VERSION
+    else:
+        name, version, minimum = "redis", str(info["redis_version"]), MIN_REDIS_VERSION
+    if _version(version) < minimum:
+        needed = ".".join(map(str, minimum))
+        raise RedisRefusedError(
+            f"{name} {version} is too old: streamgroup needs {name} >= {needed} "
+            "(XAUTOCLAIM that drops deleted entries, lag in XINFO GROUPS)"
+        )
+    return f"{name} {version}"

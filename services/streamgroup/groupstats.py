@@ -1,0 +1,86 @@
+"""A snapshot of a stream and one of its groups, as Redis reports it (XINFO, XPENDING, XLEN)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from streamgroup.keys import StreamKeys
+from streamgroup.message import entry_timestamp
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerStats:
+    name: str
+    pending: int
+    idle_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStats:
+    stream: str
+    group: str
+    stream_length: int
+    group_exists: bool
+    lag: int | None  # None: Redis does not know (after XGROUP SETID, deletions or trims)
+    pending: int
+    oldest_pending_id: str | None
+    oldest_pending_age_seconds: float
+    last_delivered_id: str | None
+    entries_read: int | None
+    dead_letter_length: int
+    consumers: list[ConsumerStats] = field(default_factory=list)
+
+    def active_consumers(self, within_seconds: float) -> int:
+        return sum(1 for consumer in self.consumers if consumer.idle_seconds <= within_seconds)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def collect(client: aioredis.Redis, keys: StreamKeys, now: float | None = None) -> GroupStats:
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.xlen(keys.stream)
+        pipe.xlen(keys.dead_letter)
+        pipe.xinfo_groups(keys.stream)
+        stream_length, dead_letter_length, groups = await pipe.execute(raise_on_error=False)
+    for reply in (stream_length, dead_letter_length):
+        if isinstance(reply, Exception):
+            raise reply
+    group = None
+    if not isinstance(groups, ResponseError):  # "no such key": the stream does not exist yet
+        group = next((g for g in groups if _text(g["name"]) == keys.group), None)
+    if group is None:
+        return GroupStats(keys.stream, keys.group, stream_length, False, None, 0, None, 0.0, None, None, dead_letter_length)
+
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.xinfo_consumers(keys.stream, keys.group)
+        pipe.xpending(keys.stream, keys.group)
+        consumers, summary = await pipe.execute()
+    now = time.time() if now is None else now
+    oldest = _text(summary.get("min")) if summary.get("pending") else None
+    return GroupStats(
+        stream=keys.stream,
+        group=keys.group,
+        stream_length=stream_length,
+        group_exists=True,
+        lag=group.get("lag"),
+        pending=int(summary.get("pending") or 0),
+        oldest_pending_id=oldest,
+        oldest_pending_age_seconds=max(0.0, now - entry_timestamp(oldest)) if oldest else 0.0,
+        last_delivered_id=_text(group.get("last-delivered-id")),
+        entries_read=group.get("entries-read"),
+        dead_letter_length=dead_letter_length,
+        consumers=[
+            ConsumerStats(_text(c["name"]) or "", int(c["pending"]), int(c["idle"]) / 1000.0) for c in consumers
+        ],
+    )

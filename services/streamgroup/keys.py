@@ -1,0 +1,18 @@
+"""Every Redis key this project touches is named here, so sharding or hash tags change one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from streamgroup.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class StreamKeys:
+    stream: str
+    group: str
+    dead_letter: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StreamKeys:
+        return cls(stream=settings.stream, group=settings.group, dead_letter=settings.dead_letter_key)

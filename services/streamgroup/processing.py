@@ -1,0 +1,205 @@
+"""The one handler-invocation path, shared by consumer and reclaimer: run, then settle each entry.
+
+Settling means: successes are returned for acknowledgement (never acknowledged before the handler
+returned), failures stay pending for a retry, and entries that are malformed, poisoned or out of
+deliveries move to the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+
+from streamgroup import streams
+from streamgroup.errors import PoisonMessage
+from streamgroup.handlers import Handler, is_async
+from streamgroup.keys import StreamKeys
+from streamgroup.logs import get_logger
+from streamgroup.message import Message, RawEntry, decode, entry_timestamp
+from streamgroup.metrics import Metrics
+
+log = get_logger("streamgroup.processing")
+
+
+@dataclass(slots=True)
+class Results:
+    """Filled while the handler runs, so work finished before a shutdown deadline is not lost."""
+
+    succeeded: list[str] = field(default_factory=list)
+    failed: list[tuple[Message, BaseException]] = field(default_factory=list)
+    durations: list[float] = field(default_factory=list)
+
+
+class HandlerRunner:
+    """Calls the handler once per message with up to `concurrency` calls in flight.
+
+    Sync handlers run on worker threads so the event loop stays free for health checks, signals
+    and Redis; the hand-off happens once per batch, not once per message. Workers share one
+    iterator over the batch (its next() is atomic under the GIL).
+    """
+
+    def __init__(self, handler: Handler, concurrency: int) -> None:
+        self._handler = handler
+        self._concurrency = concurrency
+        self._async = is_async(handler)
+        self._pool = None if self._async else ThreadPoolExecutor(concurrency, thread_name_prefix="handler")
+        self._taking = True
+
+    def stop_taking(self) -> None:
+        """Let calls in flight finish but start no new ones (shutdown grace has run out)."""
+        self._taking = False
+
+    async def run(self, messages: Sequence[Message], results: Results) -> None:
+        if not messages:
+            return
+        workers = min(self._concurrency, len(messages))
+        queue = iter(messages)
+        if self._async:
+            await asyncio.gather(*(self._drain_async(queue, results) for _ in range(workers)))
+        else:
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(
+                *(loop.run_in_executor(self._pool, self._drain_sync, queue, results) for _ in range(workers))
+            )
+
+    def _drain_sync(self, queue: Iterator[Message], results: Results) -> None:
+        handler, clock = self._handler, time.perf_counter
+        succeeded, durations = results.succeeded, results.durations
+        for message in queue:
+            if not self._taking:
+                return
+            started = clock()
+            try:
+                handler(message)
+            except Exception as exc:
+                results.failed.append((message, exc))
+            else:
+                succeeded.append(message.id)
+            durations.append(clock() - started)
+
+    async def _drain_async(self, queue: Iterator[Message], results: Results) -> None:
+        handler, clock = self._handler, time.perf_counter
+        for message in queue:
+            if not self._taking:
+                return
+            started = clock()
+            try:
+                await handler(message)
+            except Exception as exc:
+                results.failed.append((message, exc))
+            else:
+                results.succeeded.append(message.id)
+            results.durations.append(clock() - started)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class MessageWorker:
+    """Runs a batch through the handler and settles every entry of it."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: StreamKeys,
+        consumer: str,
+        runner: HandlerRunner,
+        max_deliveries: int,
+        metrics: Metrics,
+    ) -> None:
+        self._client, self._keys, self._consumer = client, keys, consumer
+        self.runner = runner
+        self._max_deliveries = max_deliveries
+        self._metrics = metrics
+
+    async def handle(self, entries: Sequence[RawEntry], deadline: asyncio.Future | None = None) -> list[str]:
+        """Process entries; return the ids that succeeded, which the caller must acknowledge.
+
+        If `deadline` completes first (shutdown grace ran out), calls in flight are abandoned:
+        their entries stay pending and the reclaimer takes them over.
+        """
+        stream = self._keys.stream
+        messages: list[Message] = []
+        rejected: list[tuple[RawEntry, str]] = []
+        for entry in entries:
+            if entry.deliveries > self._max_deliveries:
+                rejected.append((entry, f"delivered {entry.deliveries} times; a consumer died handling it each time"))
+                continue
+            message = decode(stream, entry)
+            if message is None:
+                rejected.append((entry, "malformed: entry deleted or fields not UTF-8"))
+            else:
+                messages.append(message)
+
+        results = Results()
+        run = asyncio.ensure_future(self.runner.run(messages, results))
+        if deadline is None:
+            await run
+        else:
+            await asyncio.wait({run, deadline}, return_when=asyncio.FIRST_COMPLETED)
+            if not run.done():
+                self.runner.stop_taking()
+                run.cancel()
+                log.warning(
+                    "shutdown grace ran out; leaving unfinished messages pending",
+                    finished=len(results.succeeded) + len(results.failed),
+                    unfinished=len(messages) - len(results.succeeded) - len(results.failed),
+                )
+        self._metrics.processing_seconds.observe_many(results.durations)
+
+        if results.failed:
+            rejected += self._settle_failures(entries, results.failed)
+        if rejected:
+            await self._dead_letter(rejected)
+        return results.succeeded
+
+    def _settle_failures(
+        self, entries: Sequence[RawEntry], failed: list[tuple[Message, BaseException]]
+    ) -> list[tuple[RawEntry, str]]:
+        by_id = {entry.id: entry for entry in entries}
+        rejected = []
+        for message, exc in failed:
+            reason = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, PoisonMessage) or message.deliveries >= self._max_deliveries:
+                rejected.append((by_id[message.id], reason))
+                continue
+            self._metrics.processed["failed"].inc()
+            log.warning(
+                "handler failed; message stays pending for a retry",
+                message_id=message.id,
+                deliveries=message.deliveries,
+                error=reason,
+            )
+        return rejected
+
+    async def _dead_letter(self, rejected: list[tuple[RawEntry, str]]) -> None:
+        moved = await streams.dead_letter(
+            self._client, self._keys, [(entry, self._consumer, reason) for entry, reason in rejected]
+        )
+        self._metrics.dead_lettered.inc(moved)
+        self._metrics.processed["dead_lettered"].inc(moved)
+        for entry, reason in rejected:
+            log.warning(
+                "message moved to the dead-letter stream",
+                message_id=entry.id,
+                deliveries=entry.deliveries,
+                dead_letter_stream=self._keys.dead_letter,
+                reason=reason,
+            )
+
+    def record_acked(self, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        self._metrics.processed["acked"].inc(len(ids))
+        now = time.time()
+        self._metrics.end_to_end_seconds.observe_many(now - entry_timestamp(entry_id) for entry_id in ids)
+
+    async def acknowledge(self, ids: Sequence[str]) -> None:
+        await streams.ack(self._client, self._keys, ids)
+        self.record_acked(ids)

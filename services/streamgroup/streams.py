@@ -1,0 +1,134 @@
+"""Stream and consumer-group commands, each in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from streamgroup.errors import RedisRefusedError
+from streamgroup.keys import StreamKeys
+from streamgroup.message import RawEntry
+
+HISTORY = "0"  # XREADGROUP from 0: this consumer's own pending entries
+NEW = ">"  # XREADGROUP from >: entries never delivered to the group
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _raise_wrong_type(exc: ResponseError, key: str) -> None:
+    if str(exc).startswith("WRONGTYPE"):
+        raise RedisRefusedError(f"key {key!r} exists and is not a stream: {exc}") from exc
+
+
+async def ensure_group(client: aioredis.Redis, keys: StreamKeys) -> bool:
+    """Create the group at the start of the stream (so nothing already added is skipped). True if created."""
+    try:
+        await client.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if str(exc).startswith("BUSYGROUP"):
+            return False
+        _raise_wrong_type(exc, keys.stream)
+        raise
+    return True
+
+
+def _entries(reply: list, deliveries: int = 1) -> list[RawEntry]:
+    if not reply:
+        return []
+    return [RawEntry(_text(entry_id), fields, deliveries) for entry_id, fields in reply[0][1]]
+
+
+async def read_group(
+    client: aioredis.Redis,
+    keys: StreamKeys,
+    consumer: str,
+    start: str,
+    count: int,
+    block_ms: int | None,
+    ack_ids: Sequence[str] = (),
+) -> list[RawEntry]:
+    """Acknowledge ack_ids and read the next entries, in one round trip."""
+    try:
+        if not ack_ids:
+            reply = await client.xreadgroup(keys.group, consumer, {keys.stream: start}, count=count, block=block_ms)
+            return _entries(reply)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.xack(keys.stream, keys.group, *ack_ids)
+            pipe.xreadgroup(keys.group, consumer, {keys.stream: start}, count=count, block=block_ms)
+            _, reply = await pipe.execute()
+        return _entries(reply)
+    except ResponseError as exc:
+        _raise_wrong_type(exc, keys.stream)
+        raise
+
+
+async def ack(client: aioredis.Redis, keys: StreamKeys, ids: Sequence[str]) -> int:
+    if not ids:
+        return 0
+    return await client.xack(keys.stream, keys.group, *ids)
+
+
+async def delivery_counts(
+    client: aioredis.Redis, keys: StreamKeys, consumer: str, ids: Sequence[str]
+) -> dict[str, int]:
+    """How often each of this consumer's pending ids was delivered (XREADGROUP and XAUTOCLAIM do not say)."""
+    if not ids:
+        return {}
+    ordered = sorted(ids, key=_id_key)
+    rows = await client.xpending_range(
+        keys.stream, keys.group, min=ordered[0], max=ordered[-1], count=len(ordered) * 2 + 10, consumername=consumer
+    )
+    return {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def autoclaim(
+    client: aioredis.Redis, keys: StreamKeys, consumer: str, min_idle_ms: int, cursor: str, count: int
+) -> tuple[str, list[RawEntry], list[str]]:
+    """Take over entries idle for min_idle_ms from any consumer. Returns (next cursor, entries, deleted ids)."""
+    reply = await client.xautoclaim(keys.stream, keys.group, consumer, min_idle_ms, start_id=cursor, count=count)
+    next_cursor, claimed, deleted = reply[0], reply[1], reply[2] if len(reply) > 2 else []
+    entries = [RawEntry(_text(entry_id), fields) for entry_id, fields in claimed]
+    return _text(next_cursor), entries, [_text(entry_id) for entry_id in deleted]
+
+
+DEAD_LETTER_FIELDS_PREFIX = "x-streamgroup-"
+
+
+async def dead_letter(
+    client: aioredis.Redis,
+    keys: StreamKeys,
+    entries: Iterable[tuple[RawEntry, str, str]],
+) -> int:
+    """Move entries to the dead-letter stream and acknowledge them in one MULTI/EXEC.
+
+    Each item is (entry, consumer that held it, reason). The entry keeps its original fields (as
+    bytes, even when they are not text) plus metadata under the x-streamgroup- prefix.
+    """
+    moved = 0
+    async with client.pipeline(transaction=True) as pipe:
+        for entry, consumer, reason in entries:
+            fields: dict[bytes | str, bytes | str] = dict(entry.fields or {})
+            p = DEAD_LETTER_FIELDS_PREFIX
+            fields.update({
+                f"{p}original-id": entry.id,
+                f"{p}stream": keys.stream,
+                f"{p}group": keys.group,
+                f"{p}consumer": consumer,
+                f"{p}deliveries": str(entry.deliveries),
+                f"{p}error": reason[:4096],
+            })
+            pipe.xadd(keys.dead_letter, fields)
+            pipe.xack(keys.stream, keys.group, entry.id)
+            moved += 1
+        if moved:
+            await pipe.execute()
+    return moved

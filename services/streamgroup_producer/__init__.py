@@ -1,0 +1,1 @@
+"""The producer service: the original design's N producers, each adding one message per interval."""

@@ -1,0 +1,77 @@
+"""streamgroup-producer: N virtual producers add {producer, serial} entries, one pipelined batch per tick."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from redis.exceptions import ResponseError
+
+from streamgroup import service as runtime
+from streamgroup.errors import RedisRefusedError
+from streamgroup.logs import get_logger
+from streamgroup.service import Service
+
+log = get_logger("streamgroup.producer")
+
+
+class Producer:
+    """Each tick adds one message per virtual producer. Serials survive reconnects: a batch whose
+    fate is unknown after a connection loss is sent again with the same serials, so consumers can
+    recognise a duplicate by (producer, serial)."""
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+        settings = service.settings
+        self._producers = settings.producers
+        self._interval = settings.producer_interval_ms / 1000.0
+        self._limit = settings.max_messages
+        self._next_serial = 1  # every producer is at the same serial after each whole tick
+        self._sent = 0
+
+    def _batch(self) -> list[tuple[int, int]]:
+        count = self._producers
+        if self._limit:
+            count = min(count, self._limit - self._sent)
+        return [(producer, self._next_serial) for producer in range(1, count + 1)]
+
+    async def run(self) -> None:
+        service = self._service
+        client, stream = service.client, service.keys.stream
+        next_tick = time.monotonic()
+        while not service.stopping.is_set():
+            batch = self._batch()
+            if not batch:
+                log.info("max messages reached", sent=self._sent)
+                service.request_stop("max-messages")
+                return
+            async with client.pipeline(transaction=False) as pipe:
+                for producer, serial in batch:
+                    pipe.xadd(stream, {"producer": producer, "serial": serial})
+                try:
+                    await pipe.execute()
+                except ResponseError as exc:
+                    if str(exc).startswith("WRONGTYPE"):
+                        raise RedisRefusedError(f"key {stream!r} exists and is not a stream") from exc
+                    raise
+            self._sent += len(batch)
+            self._next_serial += 1
+            service.metrics.produced.inc(len(batch))
+            next_tick += self._interval
+            delay = next_tick - time.monotonic()
+            if delay > 0:
+                await service.sleep(delay)
+            else:
+                next_tick = time.monotonic()  # behind schedule: do not try to catch up in a burst
+                await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        log.info("producer stopped", sent=self._sent)
+
+
+def main() -> None:
+    runtime.run("streamgroup-producer", Producer)
+
+
+if __name__ == "__main__":
+    main()
