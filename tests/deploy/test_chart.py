@@ -1,0 +1,393 @@
+"""The chart as Helm sees it: lint, schema, documented values, and the contract with the services."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import helm_python as helm
+import pytest
+import yaml
+from conftest import (
+    CHART,
+    CI_VALUES,
+    OLDEST_KUBERNETES,
+    ci_values,
+    component_name,
+    find,
+    one,
+    render,
+    render_templates,
+)
+
+from streamgroup.settings import ENV_PREFIX, Settings
+
+COMPONENTS = ("producer", "consumer", "reclaimer")
+SCHEMA = json.loads((CHART / "values.schema.json").read_text())
+
+
+# --- Helm lint and rendering ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values_file", [None, *CI_VALUES], ids=lambda p: p.name if p else "defaults")
+def test_strict_lint_is_clean(values_file):
+    values = ci_values(values_file) if values_file else None
+    report = helm.lint(CHART, values, strict=True, kube_version=f"v{OLDEST_KUBERNETES}")
+    assert report["total_charts_linted"] == 1
+    assert report["errors"] == []
+    # Severity 1 is informational ("icon is recommended"); warnings would fail a strict lint.
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_chart_claims_its_oldest_kubernetes():
+    with helm.Chart.load(CHART) as chart:
+        assert chart.metadata["kubeVersion"] == f">={OLDEST_KUBERNETES}-0"
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.name)
+def test_ci_values_render_every_component(values_file):
+    values = ci_values(values_file)
+    objects = render(values)
+    deployments = {d["metadata"]["name"] for d in find(objects, "Deployment")}
+    expected = {component_name(c) for c in COMPONENTS if values.get(c, {}).get("enabled", True)}
+    assert deployments == expected
+
+
+def test_ci_values_cover_the_optional_objects():
+    kinds = {o["kind"] for path in CI_VALUES for o in render(ci_values(path))}
+    for kind in ("PodMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication",
+                 "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "StatefulSet"):
+        assert kind in kinds, f"no ci/*.yaml renders a {kind}"
+
+
+def test_optional_objects_are_off_by_default(rendered_defaults):
+    kinds = sorted({o["kind"] for o in rendered_defaults})
+    assert kinds == ["ConfigMap", "Deployment", "Pod", "Service", "ServiceAccount", "StatefulSet"]
+
+
+def test_notes_tell_the_next_steps():
+    notes = render_templates()["streamgroup/templates/NOTES.txt"]
+    assert "helm test rel --namespace streamgroup" in notes
+    assert f"scale deploy/{component_name('consumer')}" in notes
+    assert "streamgroup status" in notes
+    assert "/metrics" in notes
+
+
+# --- values.schema.json --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"consumer": {"replicas": -1}}, "at '/consumer/replicas': minimum: got -1, want 0"),
+        ({"consumer": {"replicas": "2"}}, "at '/consumer/replicas': got string, want integer"),
+        ({"consumer": {"replicas": 1.5}}, "at '/consumer/replicas': got number, want integer"),
+        ({"consumerz": {}}, "additional properties 'consumerz' not allowed"),
+        ({"consumer": {"replica": 2}}, "at '/consumer': additional properties 'replica' not allowed"),
+        ({"config": {"logFormat": "xml"}}, "at '/config/logFormat'"),
+        ({"prometheusRule": {"rules": {"pendingHigh": {"for": "ten minutes"}}}}, "at '/prometheusRule/rules/pendingHigh/for'"),
+        ({"redis": {"external": {"url": "redis://:secret@redis:6379/0"}}}, "at '/redis/external/url'"),
+    ],
+)
+def test_schema_rejects_bad_values(values, message):
+    with pytest.raises(helm.HelmValuesError) as raised:
+        render_templates(values)
+    assert message in str(raised.value)
+
+
+def _own_objects(node, path="values"):
+    """Every object schema the chart defines itself (not Kubernetes types passed through)."""
+    if node.get("type") == "object" and "passed through verbatim" not in node.get("description", ""):
+        if "properties" in node:
+            yield path, node
+    for key, child in node.get("properties", {}).items():
+        yield from _own_objects(child, f"{path}.{key}")
+    for child in node.get("anyOf", []):
+        yield from _own_objects(child, path)
+    for key, child in node.get("$defs", {}).items():
+        yield from _own_objects(child, f"$defs.{key}")
+
+
+def test_schema_closes_every_object_the_chart_defines():
+    objects = dict(_own_objects(SCHEMA))
+    assert len(objects) > 20
+    open_ones = [path for path, node in objects.items() if node.get("additionalProperties") is not False]
+    assert open_ones == []
+
+
+def _schema_at(path: list[str]):
+    node = SCHEMA
+    for key in path:
+        node = node.get("properties", {}).get(key)
+        if node is None:
+            return None
+        if "$ref" in node:
+            node = SCHEMA["$defs"][node["$ref"].rsplit("/", 1)[1]]
+    return node
+
+
+def _free_form(node) -> bool:
+    node = node or {}
+    return "passed through verbatim" in node.get("description", "") or isinstance(node.get("additionalProperties"), dict)
+
+
+def test_every_value_is_documented_with_a_comment_above_it():
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    stack: list[tuple[int, str]] = []
+    undocumented = []
+    checked = 0
+    for number, line in enumerate(lines):
+        match = re.match(r"^( *)([A-Za-z][\w.-]*):", line)
+        if not match:
+            continue
+        indent, key = len(match.group(1)), match.group(2)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        parents = [k for _, k in stack]
+        stack.append((indent, key))
+        # Keys inside Kubernetes objects (probes, security contexts) and inside free-form maps
+        # (labels) are not the chart's: the value holding them is documented, they are not.
+        if any(_free_form(_schema_at(parents[: i + 1])) for i in range(len(parents))):
+            continue
+        assert _schema_at([*parents, key]) is not None, f"{'.'.join([*parents, key])} is not in the schema"
+        checked += 1
+        previous = next((lines[i].strip() for i in range(number - 1, -1, -1) if lines[i].strip()), "")
+        if not previous.startswith("#"):
+            undocumented.append(".".join([*parents, key]))
+    assert checked > 100
+    assert undocumented == []
+
+
+def test_schema_describes_every_default_value():
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(chart.values)
+        assert set(SCHEMA["properties"]) - {"global"} == set(chart.values)
+
+
+# --- the contract with the services ------------------------------------------------------------
+
+
+def _container(deployment):
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _env(container):
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_each_component_runs_its_command_with_its_own_labels(rendered_defaults):
+    for component in COMPONENTS:
+        deployment = one(rendered_defaults, "Deployment", component_name(component))
+        assert _container(deployment)["command"] == [f"streamgroup-{component}"]
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert selector["app.kubernetes.io/component"] == component
+        assert deployment["metadata"]["labels"]["app.kubernetes.io/component"] == component
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= pod_labels.items()
+
+
+def test_consumer_name_comes_from_the_pod_name(rendered_defaults):
+    container = _container(one(rendered_defaults, "Deployment", component_name("consumer")))
+    assert _env(container)["STREAMGROUP_CONSUMER_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+@pytest.mark.parametrize("values_file", [None, *CI_VALUES], ids=lambda p: p.name if p else "defaults")
+def test_only_variables_the_services_know_are_rendered(values_file):
+    """An unknown STREAMGROUP_* variable makes a service exit 2 at start: none may be rendered."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    objects = render(ci_values(values_file) if values_file else None)
+    names = set(one(objects, "ConfigMap", "rel-streamgroup")["data"])
+    for pod in [d["spec"]["template"]["spec"] for d in find(objects, "Deployment")] + [
+        p["spec"] for p in find(objects, "Pod")
+    ]:
+        for container in pod["containers"]:
+            names |= set(_env(container))
+    rendered = {n for n in names if n.startswith(ENV_PREFIX)}
+    assert rendered - known == set()
+    assert {"STREAMGROUP_REDIS_URL", "STREAMGROUP_STREAM", "STREAMGROUP_GROUP", "STREAMGROUP_CONSUMER_NAME"} <= rendered
+
+
+def _pod_specs(objects):
+    for obj in objects:
+        if obj["kind"] in ("Deployment", "StatefulSet"):
+            yield obj["metadata"]["name"], obj["spec"]["template"]["spec"]
+        elif obj["kind"] == "Pod":
+            yield obj["metadata"]["name"], obj["spec"]
+
+
+@pytest.mark.parametrize("values_file", [None, *CI_VALUES], ids=lambda p: p.name if p else "defaults")
+def test_every_container_is_locked_down(values_file):
+    objects = render(ci_values(values_file) if values_file else None)
+    pods = dict(_pod_specs(objects))
+    assert pods
+    for name, pod in pods.items():
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert pod["automountServiceAccountToken"] is False, name
+        for container in pod["containers"]:
+            sc = container["securityContext"]
+            assert sc["runAsNonRoot"] is True, name
+            assert isinstance(sc["runAsUser"], int) and sc["runAsUser"] > 0, name
+            assert sc["readOnlyRootFilesystem"] is True, name
+            assert sc["allowPrivilegeEscalation"] is False, name
+            assert sc["capabilities"] == {"drop": ["ALL"]}, name
+            assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, name
+            if not name.endswith("-redis"):
+                assert sc["runAsUser"] == 10001, name
+                mounts = {m["mountPath"] for m in container["volumeMounts"]}
+                assert "/tmp" in mounts, name
+
+
+def test_probes_use_healthz_and_readyz_on_the_metrics_port(rendered_defaults):
+    for component in COMPONENTS:
+        container = _container(one(rendered_defaults, "Deployment", component_name(component)))
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+        assert container["ports"] == [{"name": "metrics", "containerPort": 9180, "protocol": "TCP"}]
+
+
+def test_grace_period_outlasts_the_services_shutdown_grace(rendered_defaults):
+    config = one(rendered_defaults, "ConfigMap", "rel-streamgroup")["data"]
+    grace = float(config["STREAMGROUP_SHUTDOWN_GRACE_SECONDS"])
+    for component in COMPONENTS:
+        pod = one(rendered_defaults, "Deployment", component_name(component))["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] > grace
+    with pytest.raises(helm.HelmRenderError, match="terminationGracePeriodSeconds must be larger"):
+        render({"terminationGracePeriodSeconds": 20})
+
+
+def test_consumer_replicas_follow_values():
+    objects = render({"consumer": {"replicas": 7}, "producer": {"replicas": 0}})
+    assert one(objects, "Deployment", component_name("consumer"))["spec"]["replicas"] == 7
+    assert one(objects, "Deployment", component_name("producer"))["spec"]["replicas"] == 0
+
+
+@pytest.mark.parametrize(
+    ("values_file", "owner_kind"),
+    [("keda-on-values", "ScaledObject"), ("everything-on-values", "ScaledObject"),
+     ("external-redis-values", "HorizontalPodAutoscaler")],
+)
+def test_autoscaled_consumer_leaves_replicas_to_its_scaler(renders, values_file, owner_kind):
+    objects = renders(values_file)
+    consumer = one(objects, "Deployment", component_name("consumer"))
+    assert "replicas" not in consumer["spec"]
+    owner = one(objects, owner_kind, component_name("consumer"))
+    assert owner["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": component_name("consumer")}
+    # The other components keep theirs.
+    assert one(objects, "Deployment", component_name("reclaimer"))["spec"]["replicas"] == 1
+
+
+def test_hpa_and_keda_together_are_refused():
+    both = {"consumer": {"autoscaling": {"hpa": {"enabled": True}, "keda": {"enabled": True}}}}
+    with pytest.raises(helm.HelmRenderError, match="enable hpa or keda, not both"):
+        render(both)
+
+
+def test_keda_triggers_watch_lag_and_pending_of_the_group(renders):
+    objects = renders("everything-on-values")
+    triggers = one(objects, "ScaledObject")["spec"]["triggers"]
+    assert [t["type"] for t in triggers] == ["redis-streams", "redis-streams"]
+    lag, pending = triggers
+    for trigger in triggers:
+        assert trigger["metadata"]["stream"] == "orders"
+        assert trigger["metadata"]["consumerGroup"] == "order-workers"
+        assert trigger["metadata"]["address"] == "rel-streamgroup-redis:6379"
+        assert trigger["authenticationRef"] == {"name": component_name("consumer")}
+    assert lag["metadata"]["lagCount"] == "500"
+    assert pending["metadata"]["pendingEntriesCount"] == "200"
+    auth = one(objects, "TriggerAuthentication")
+    assert auth["spec"]["secretTargetRef"] == [{"parameter": "password", "name": "streamgroup-redis", "key": "password"}]
+
+
+def test_keda_address_comes_from_the_external_url():
+    objects = render({
+        "redis": {"bundled": {"enabled": False}, "external": {"url": "rediss://cache.example:6380/3"}},
+        "consumer": {"autoscaling": {"keda": {"enabled": True}}},
+    })
+    (trigger,) = one(objects, "ScaledObject")["spec"]["triggers"]
+    assert trigger["metadata"]["address"] == "cache.example:6380"
+    assert trigger["metadata"]["databaseIndex"] == "3"
+    assert trigger["metadata"]["enableTLS"] == "true"
+    assert "authenticationRef" not in trigger
+
+
+def test_bundled_redis_keeps_an_append_only_file_on_a_volume(rendered_defaults):
+    redis = one(rendered_defaults, "StatefulSet", component_name("redis"))
+    container = redis["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"].startswith("docker.io/library/redis:")
+    args = container["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--dir") + 1] == "/data"
+    (claim,) = redis["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data"
+    assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
+    service = one(rendered_defaults, "Service", component_name("redis"))
+    assert service["spec"]["selector"] == redis["spec"]["selector"]["matchLabels"]
+    config = one(rendered_defaults, "ConfigMap", "rel-streamgroup")["data"]
+    assert config["STREAMGROUP_REDIS_URL"] == "redis://rel-streamgroup-redis:6379/0"
+
+
+def test_external_redis_password_is_a_mounted_secret_file(renders):
+    objects = renders("external-redis-values")
+    assert find(objects, "StatefulSet") == []
+    config = one(objects, "ConfigMap", "rel-streamgroup")["data"]
+    assert config["STREAMGROUP_REDIS_URL"] == "rediss://redis.example.internal:6380/2"
+    for name, pod in _pod_specs(objects):
+        (container,) = pod["containers"]
+        env = _env(container)
+        password_file = env["STREAMGROUP_REDIS_PASSWORD_FILE"]["value"]
+        mount = next(m for m in container["volumeMounts"] if password_file.startswith(m["mountPath"] + "/"))
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["secretName"] == "redis-credentials", name
+        item = volume["secret"]["items"][0]
+        assert item["key"] == "redis-password"
+        assert password_file == f"{mount['mountPath']}/{item['path']}"
+        assert env["STREAMGROUP_REDIS_CA_FILE"]["value"].endswith("/ca.crt")
+        assert env["STREAMGROUP_REDIS_CERT_FILE"]["value"].endswith("/tls.crt")
+        assert env["STREAMGROUP_REDIS_KEY_FILE"]["value"].endswith("/tls.key")
+        # The password never travels as a plain environment value.
+        assert all("secretKeyRef" not in str(e) for e in container["env"])
+
+
+def test_bundled_redis_with_password_requires_it(renders):
+    redis = one(renders("everything-on-values"), "StatefulSet")
+    container = redis["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][-2:] == ["--requirepass", "$(REDISCLI_AUTH)"]
+    assert _env(container)["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"] == {"name": "streamgroup-redis", "key": "password"}
+
+
+def test_helm_test_hook_checks_redis_with_streamgroup_status(rendered_defaults):
+    pod = one(rendered_defaults, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["containers"][0]["command"] == ["streamgroup", "status"]
+    assert pod["spec"]["restartPolicy"] == "Never"
+
+
+def test_config_numbers_render_as_plain_integers():
+    config = one(render({"config": {"maxMessages": 10_000_000}}), "ConfigMap", "rel-streamgroup")["data"]
+    assert config["STREAMGROUP_MAX_MESSAGES"] == "10000000"
+
+
+def test_pod_disruption_budgets_select_their_component(renders):
+    budgets = find(renders("everything-on-values"), "PodDisruptionBudget")
+    assert sorted(b["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] for b in budgets) == sorted(COMPONENTS)
+
+
+def test_network_policy_lets_only_the_release_reach_redis(renders):
+    policy = one(renders("everything-on-values"), "NetworkPolicy", component_name("redis"))
+    peers = policy["spec"]["ingress"][0]["from"]
+    assert peers[0] == {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "streamgroup", "app.kubernetes.io/instance": "rel"}}}
+    assert policy["spec"]["ingress"][0]["ports"] == [{"port": "redis", "protocol": "TCP"}]
+
+
+def test_dashboard_configmap_carries_the_repository_json(renders):
+    config_map = one(renders("everything-on-values"), "ConfigMap", "rel-streamgroup-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads((CHART / "dashboards" / "streamgroup.json").read_text())
+    assert json.loads(config_map["data"]["streamgroup.json"]) == shipped
+
+
+def test_values_yaml_parses_to_the_chart_defaults():
+    with helm.Chart.load(CHART) as chart:
+        assert chart.values == yaml.safe_load((CHART / "values.yaml").read_text())
