@@ -4,13 +4,15 @@ PrometheusRule; the tests feed the same list to promtool and to a real Prometheu
 */}}
 {{- define "streamgroup.alertGroups" -}}
 {{- $s := include "streamgroup.alertSelector" . }}
+{{- /* Every process exports the group-level gauges; only the reclaimer's carry the real values. */}}
+{{- $g := printf "%s, component=\"reclaimer\"" $s }}
 {{- $r := .Values.prometheusRule.rules }}
 {{- $by := "namespace, stream, group" }}
 - name: streamgroup
   rules:
   {{- with $r.pendingHigh }}{{ if .enabled }}
     - alert: StreamgroupPendingHigh
-      expr: max by ({{ $by }}) (streamgroup_group_pending{ {{- $s -}} }) > {{ .threshold }}
+      expr: max by ({{ $by }}) (streamgroup_group_pending{ {{- $g -}} }) > {{ .threshold }}
       for: {{ .for }}
       {{- include "streamgroup.alertMeta" (list $ . "streamgrouppendinghigh"
         "{{ $labels.group }} on {{ $labels.stream }} has {{ $value }} pending messages"
@@ -18,7 +20,7 @@ PrometheusRule; the tests feed the same list to promtool and to a real Prometheu
   {{- end }}{{ end }}
   {{- with $r.oldestPendingTooOld }}{{ if .enabled }}
     - alert: StreamgroupOldestPendingTooOld
-      expr: max by ({{ $by }}) (streamgroup_group_oldest_pending_age_seconds{ {{- $s -}} }) > {{ .thresholdSeconds }}
+      expr: max by ({{ $by }}) (streamgroup_group_oldest_pending_age_seconds{ {{- $g -}} }) > {{ .thresholdSeconds }}
       for: {{ .for }}
       {{- include "streamgroup.alertMeta" (list $ . "streamgroupoldestpendingtooold"
         "Oldest pending message of {{ $labels.group }} on {{ $labels.stream }} is {{ $value | humanizeDuration }} old"
@@ -27,9 +29,9 @@ PrometheusRule; the tests feed the same list to promtool and to a real Prometheu
   {{- with $r.lagGrowing }}{{ if .enabled }}
     - alert: StreamgroupLagGrowing
       expr: >-
-        max by ({{ $by }}) (streamgroup_group_lag{ {{- $s -}} }) > {{ .threshold }}
-        and max by ({{ $by }}) (delta(streamgroup_group_lag{ {{- $s -}} }[{{ .window }}])) > 0
-        and min by ({{ $by }}) (streamgroup_group_lag_known{ {{- $s -}} }) == 1
+        max by ({{ $by }}) (streamgroup_group_lag{ {{- $g -}} }) > {{ .threshold }}
+        and max by ({{ $by }}) (delta(streamgroup_group_lag{ {{- $g -}} }[{{ .window }}])) > 0
+        and min by ({{ $by }}) (streamgroup_group_lag_known{ {{- $g -}} }) == 1
       for: {{ .for }}
       {{- include "streamgroup.alertMeta" (list $ . "streamgrouplaggrowing"
         "Lag of {{ $labels.group }} on {{ $labels.stream }} is growing ({{ $value }} undelivered)"
@@ -38,8 +40,8 @@ PrometheusRule; the tests feed the same list to promtool and to a real Prometheu
   {{- with $r.noActiveConsumer }}{{ if .enabled }}
     - alert: StreamgroupNoActiveConsumer
       expr: >-
-        max by ({{ $by }}) (streamgroup_group_consumers_active{ {{- $s -}} }) == 0
-        and max by ({{ $by }}) (streamgroup_group_lag{ {{- $s -}} }) > 0
+        max by ({{ $by }}) (streamgroup_group_consumers_active{ {{- $g -}} }) == 0
+        and max by ({{ $by }}) (streamgroup_group_lag{ {{- $g -}} }) > 0
       for: {{ .for }}
       {{- include "streamgroup.alertMeta" (list $ . "streamgroupnoactiveconsumer"
         "No active consumer in {{ $labels.group }} on {{ $labels.stream }} while messages wait"
@@ -54,7 +56,7 @@ PrometheusRule; the tests feed the same list to promtool and to a real Prometheu
   {{- end }}{{ end }}
   {{- with $r.lagUnknown }}{{ if .enabled }}
     - alert: StreamgroupLagUnknown
-      expr: min by ({{ $by }}) (streamgroup_group_lag_known{ {{- $s -}} }) == 0
+      expr: min by ({{ $by }}) (streamgroup_group_lag_known{ {{- $g -}} }) == 0
       for: {{ .for }}
       {{- include "streamgroup.alertMeta" (list $ . "streamgrouplagunknown"
         "Redis reports the lag of {{ $labels.group }} on {{ $labels.stream }} as unknown"
@@ -62,10 +64,10 @@ PrometheusRule; the tests feed the same list to promtool and to a real Prometheu
   {{- end }}{{ end }}
   {{- with $r.reclaimerDown }}{{ if .enabled }}
     - alert: StreamgroupReclaimerDown
-      expr: absent(streamgroup_group_consumers{ {{- $s -}} })
+      expr: absent(up{ {{- $g -}} } == 1)
       for: {{ .for }}
       {{- include "streamgroup.alertMeta" (list $ . "streamgroupreclaimerdown"
-        "No streamgroup reclaimer is exporting metrics"
+        "No streamgroup reclaimer is up"
         "No reclaimer has been scraped successfully: stuck messages are not reclaimed, poison messages are not dead-lettered and the group metrics behind the other alerts are missing.") }}
   {{- end }}{{ end }}
 {{- end }}

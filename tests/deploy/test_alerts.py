@@ -1,0 +1,179 @@
+"""The alert rules and the dashboard checked by Prometheus' own tools: the rules are taken from the
+rendered PrometheusRule, `promtool check rules` parses them and `promtool test rules` shows each
+alert firing when it should and staying quiet when it should."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import prometheus_client
+import pytest
+import yaml
+from conftest import CHART, ROOT, alert_rule_groups
+
+from streamgroup.metrics import Metrics
+
+UNIT_TESTS = Path(__file__).parent / "prometheus" / "alerts_test.yaml"
+RUNBOOK = ROOT / "docs" / "runbook.md"
+DASHBOARD = CHART / "dashboards" / "streamgroup.json"
+ALERTS = {
+    "StreamgroupPendingHigh", "StreamgroupOldestPendingTooOld", "StreamgroupLagGrowing",
+    "StreamgroupNoActiveConsumer", "StreamgroupDeadLettersIncreasing", "StreamgroupLagUnknown",
+    "StreamgroupReclaimerDown",
+}  # fmt: skip
+
+
+def _rules(groups):
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def _promtool(promtool: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([promtool, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def _write_rules(directory: Path, groups) -> Path:
+    path = directory / "rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+    return path
+
+
+def test_rendered_rules_pass_promtool_check(promtool, tmp_path):
+    groups = alert_rule_groups()
+    assert {rule["alert"] for rule in _rules(groups)} == ALERTS
+    result = _promtool(promtool, "check", "rules", str(_write_rules(tmp_path, groups)), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(ALERTS)} rules found" in result.stdout
+
+
+def test_alerts_fire_and_stay_quiet_as_the_unit_tests_say(promtool, tmp_path):
+    _write_rules(tmp_path, alert_rule_groups())
+    shutil.copy(UNIT_TESTS, tmp_path / UNIT_TESTS.name)
+    result = _promtool(promtool, "test", "rules", UNIT_TESTS.name, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_unit_tests_cover_every_alert_both_ways():
+    tests = yaml.safe_load(UNIT_TESTS.read_text())["tests"]
+    fired, quiet = set(), set()
+    for case in tests:
+        for check in case["alert_rule_test"]:
+            (fired if check["exp_alerts"] else quiet).add(check["alertname"])
+    assert fired == ALERTS
+    assert quiet == ALERTS
+
+
+def test_unit_tests_fail_when_a_threshold_is_wrong(promtool, tmp_path):
+    """The unit tests really pin the rules: a lower pending threshold fires too early."""
+    _write_rules(tmp_path, alert_rule_groups({"prometheusRule": {"rules": {"pendingHigh": {"threshold": 400}}}}))
+    shutil.copy(UNIT_TESTS, tmp_path / UNIT_TESTS.name)
+    result = _promtool(promtool, "test", "rules", UNIT_TESTS.name, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "StreamgroupPendingHigh" in result.stdout + result.stderr
+
+
+def test_thresholds_and_durations_come_from_values():
+    rules = {r["alert"]: r for r in _rules(alert_rule_groups({"prometheusRule": {"rules": {
+        "pendingHigh": {"threshold": 42, "for": "3m", "severity": "critical"},
+        "lagGrowing": {"window": "7m"},
+        "reclaimerDown": {"enabled": False},
+    }}}))}  # fmt: skip
+    assert rules["StreamgroupPendingHigh"]["expr"].endswith("> 42")
+    assert rules["StreamgroupPendingHigh"]["for"] == "3m"
+    assert rules["StreamgroupPendingHigh"]["labels"]["severity"] == "critical"
+    assert "[7m]" in rules["StreamgroupLagGrowing"]["expr"]
+    assert "StreamgroupReclaimerDown" not in rules
+
+
+def test_selector_picks_the_release_series():
+    default = _rules(alert_rule_groups())[0]["expr"]
+    assert 'job="streamgroup/rel-streamgroup", component="reclaimer"' in default
+    custom = _rules(alert_rule_groups({"prometheusRule": {"selector": 'cluster="eu", app="orders"'}}))[0]["expr"]
+    assert 'cluster="eu", app="orders", component="reclaimer"' in custom
+
+
+def _anchors(markdown: str) -> set[str]:
+    return {re.sub(r"[^\w-]", "", h.strip().lower().replace(" ", "-")) for h in re.findall(r"^#+ (.+)$", markdown, re.M)}
+
+
+def test_every_alert_explains_itself_and_links_its_runbook_section():
+    anchors = _anchors(RUNBOOK.read_text())
+    for rule in _rules(alert_rule_groups()):
+        annotations = rule["annotations"]
+        assert annotations["summary"] and annotations["description"], rule["alert"]
+        base, _, anchor = annotations["runbook_url"].partition("#")
+        assert base.endswith("/docs/runbook.md")
+        assert anchor == rule["alert"].lower()
+        assert anchor in anchors, f"docs/runbook.md has no section for {rule['alert']}"
+
+
+def test_runbook_says_what_it_means_how_to_look_and_what_to_do():
+    sections = re.split(r"^## ", RUNBOOK.read_text(), flags=re.M)
+    by_alert = {s.split("\n", 1)[0].strip(): s for s in sections[1:]}
+    assert ALERTS <= set(by_alert)
+    for alert in ALERTS:
+        for part in ("What it means", "How to look", "What to do"):
+            assert f"**{part}**" in by_alert[alert], f"{alert}: no '{part}'"
+
+
+# --- the dashboard -------------------------------------------------------------------------------
+
+
+def _dashboard_queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            # label_values(<selector>, label) is Grafana's; the selector inside is PromQL.
+            match = re.fullmatch(r"label_values\((.+), *\w+\)", variable["query"]["query"])
+            assert match, variable["query"]
+            queries.append(match.group(1))
+    # Grafana's interval macro is not PromQL; $namespace etc. sit inside label strings.
+    return [q.replace("$__rate_interval", "5m") for q in queries]
+
+
+def test_every_dashboard_query_parses(promtool, tmp_path):
+    queries = _dashboard_queries()
+    assert len(queries) > 20
+    groups = [{"name": "dashboard", "rules": [{"record": f"dashboard:query_{i}", "expr": q} for i, q in enumerate(queries)]}]
+    result = _promtool(promtool, "check", "rules", str(_write_rules(tmp_path, groups)), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(queries)} rules found" in result.stdout
+
+
+def test_promtool_rejects_a_broken_query(promtool, tmp_path):
+    groups = [{"name": "dashboard", "rules": [{"record": "dashboard:bad", "expr": "sum by (stream (streamgroup_group_lag)"}]}]
+    result = _promtool(promtool, "check", "rules", str(_write_rules(tmp_path, groups)), cwd=tmp_path)
+    assert result.returncode != 0
+
+
+def test_dashboard_shows_what_operators_need():
+    dashboard = json.loads(DASHBOARD.read_text())
+    titles = {p["title"] for p in dashboard["panels"]}
+    assert {"Throughput", "Lag", "Pending", "Oldest pending age", "Pending per consumer",
+            "Processing time", "End-to-end latency", "Dead letters"} <= titles  # fmt: skip
+    exprs = " ".join(_dashboard_queries())
+    for quantile in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({quantile}, sum by (stream, group, le) (rate(streamgroup_message_processing_seconds_bucket" in exprs
+        assert f"histogram_quantile({quantile}, sum by (stream, group, le) (rate(streamgroup_end_to_end_latency_seconds_bucket" in exprs
+
+
+def _exported_names() -> set[str]:
+    """Every series name the services' metrics registry exposes."""
+    metrics = Metrics("s", "g")
+    metrics.set_consumers([("c", 1, 1.0)])
+    text = prometheus_client.generate_latest(metrics.registry).decode()
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_rules_and_dashboard_use_only_metrics_the_services_export():
+    exported = _exported_names()
+    used = set()
+    for text in [json.dumps(alert_rule_groups()), " ".join(_dashboard_queries())]:
+        used |= set(re.findall(r"\bstreamgroup_[a-z_]+\b", text))
+    assert used, "no metric names found"
+    assert used - exported == set()
