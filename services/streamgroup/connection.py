@@ -50,14 +50,22 @@ async def check_server(client: aioredis.Redis) -> str:
         if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc) or "NOPERM" in str(exc):
             raise RedisRefusedError(f"Redis refused the credentials: {exc}") from exc
         raise
+    name, version, problem = judge_server(info)
+    if problem:
+        raise RedisRefusedError(problem)
+    return f"{name} {version}"
+
+
+def judge_server(info: dict) -> tuple[str, str, str | None]:
+    """(server name, version, why it is too old or None) from INFO server."""
     if "valkey_version" in info:
         name, version, minimum = "valkey", str(info["valkey_version"]), MIN_VALKEY_VERSION
     else:
         name, version, minimum = "redis", str(info["redis_version"]), MIN_REDIS_VERSION
-    if _version(version) < minimum:
-        needed = ".".join(map(str, minimum))
-        raise RedisRefusedError(
-            f"{name} {version} is too old: streamgroup needs {name} >= {needed} "
-            "(XAUTOCLAIM that drops deleted entries, lag in XINFO GROUPS)"
-        )
-    return f"{name} {version}"
+    if _version(version) >= minimum:
+        return name, version, None
+    needed = ".".join(map(str, minimum))
+    return name, version, (
+        f"{name} {version} is too old: streamgroup needs {name} >= {needed} "
+        "(XAUTOCLAIM that drops deleted entries, lag in XINFO GROUPS)"
+    )

@@ -70,6 +70,8 @@ class DevServer:
                 with redis.Redis(port=self.port, socket_connect_timeout=0.2) as probe:
                     probe.ping()
                 return self
+            except (redis.exceptions.AuthenticationError, redis.exceptions.ResponseError):
+                return self  # it answers; that it wants a password or TLS is the caller's business
             except redis.exceptions.BusyLoadingError:
                 pass
             except (redis.exceptions.ConnectionError, OSError):

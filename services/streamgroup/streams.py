@@ -19,8 +19,9 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _raise_wrong_type(exc: ResponseError, key: str) -> None:
-    if str(exc).startswith("WRONGTYPE"):
+def raise_if_wrong_type(exc: ResponseError, key: str) -> None:
+    """A key of another type where the stream should be will not fix itself: refuse, do not retry."""
+    if "WRONGTYPE" in str(exc):
         raise RedisRefusedError(f"key {key!r} exists and is not a stream: {exc}") from exc
 
 
@@ -31,7 +32,7 @@ async def ensure_group(client: aioredis.Redis, keys: StreamKeys) -> bool:
     except ResponseError as exc:
         if str(exc).startswith("BUSYGROUP"):
             return False
-        _raise_wrong_type(exc, keys.stream)
+        raise_if_wrong_type(exc, keys.stream)
         raise
     return True
 
@@ -62,7 +63,7 @@ async def read_group(
             _, reply = await pipe.execute()
         return _entries(reply)
     except ResponseError as exc:
-        _raise_wrong_type(exc, keys.stream)
+        raise_if_wrong_type(exc, keys.stream)
         raise
 
 

@@ -8,7 +8,7 @@ import time
 from redis.exceptions import ResponseError
 
 from streamgroup import service as runtime
-from streamgroup.errors import RedisRefusedError
+from streamgroup import streams
 from streamgroup.logs import get_logger
 from streamgroup.service import Service
 
@@ -51,8 +51,7 @@ class Producer:
                 try:
                     await pipe.execute()
                 except ResponseError as exc:
-                    if str(exc).startswith("WRONGTYPE"):
-                        raise RedisRefusedError(f"key {stream!r} exists and is not a stream") from exc
+                    streams.raise_if_wrong_type(exc, stream)
                     raise
             self._sent += len(batch)
             self._next_serial += 1

@@ -1,0 +1,67 @@
+"""Handlers the tests plug into the real services (STREAMGROUP_HANDLER=support.handlers:NAME).
+
+They record every call in the same Redis, so a test can account for each message id:
+  calls:<id>         how many times the handler ran for the entry
+  done:<id>          how many times it succeeded
+  done-by            list of "<consumer> <id> <deliveries>" per success
+Behaviour knobs come from TESTHANDLER_* variables (not STREAMGROUP_*, which must all be known).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+
+from streamgroup import Message, PoisonMessage
+
+_client = redis.Redis.from_url(os.environ["STREAMGROUP_REDIS_URL"])
+_consumer = os.environ.get("STREAMGROUP_CONSUMER_NAME", "?")
+_sleep = float(os.environ.get("TESTHANDLER_SLEEP_S", "0"))
+_fail_mod = int(os.environ.get("TESTHANDLER_FAIL_MOD", "0"))
+
+
+def _called(message: Message) -> int:
+    return _client.incr(f"calls:{message.id}")
+
+
+def _succeeded(message: Message) -> None:
+    with _client.pipeline(transaction=False) as pipe:
+        pipe.incr(f"done:{message.id}")
+        pipe.rpush("done-by", f"{_consumer} {message.id} {message.deliveries}")
+        pipe.execute()
+
+
+def record(message: Message) -> None:
+    _called(message)
+    if _sleep:
+        time.sleep(_sleep)
+    _succeeded(message)
+
+
+def fail_first_delivery(message: Message) -> None:
+    """Fails the first call for every message; later calls succeed."""
+    if _called(message) == 1:
+        raise RuntimeError(f"first delivery of {message.id} fails on purpose")
+    _succeeded(message)
+
+
+def fail_some(message: Message) -> None:
+    """Always fails messages whose serial is a multiple of TESTHANDLER_FAIL_MOD."""
+    _called(message)
+    if _fail_mod and int(message.fields["serial"]) % _fail_mod == 0:
+        raise RuntimeError(f"serial {message.fields['serial']} always fails")
+    _succeeded(message)
+
+
+def poison_some(message: Message) -> None:
+    """Declares messages whose serial is a multiple of TESTHANDLER_FAIL_MOD poison."""
+    _called(message)
+    if _fail_mod and int(message.fields["serial"]) % _fail_mod == 0:
+        raise PoisonMessage("cannot ever handle this")
+    _succeeded(message)
+
+
+async def record_async(message: Message) -> None:
+    record(message)

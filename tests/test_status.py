@@ -1,0 +1,58 @@
+"""`streamgroup status` shows what the server reports, as a table and as JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from support.accounting import GROUP, STREAM, group_info
+from support.processes import service_env
+
+
+def _status(redis_url: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "streamgroup", "status", *args],
+        env=service_env(redis_url), capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_status_json_matches_the_server(redis_url, r) -> None:
+    ids = [r.xadd(STREAM, {"n": str(n)}) for n in range(12)]
+    r.xgroup_create(STREAM, GROUP, id="0")
+    r.xreadgroup(GROUP, "alpha", {STREAM: ">"}, count=5)
+    r.xreadgroup(GROUP, "beta", {STREAM: ">"}, count=3)
+    r.xack(STREAM, GROUP, ids[0])
+    result = _status(redis_url, "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    info = group_info(r)
+    assert status["stream_length"] == 12
+    assert status["lag"] == info["lag"] == 4
+    assert status["pending"] == info["pending"] == 7
+    assert status["oldest_pending_id"] == ids[1]
+    assert {c["name"]: c["pending"] for c in status["consumers"]} == {"alpha": 4, "beta": 3}
+
+
+def test_status_table_for_people(redis_url, r) -> None:
+    r.xadd(STREAM, {"n": "1"})
+    r.xgroup_create(STREAM, GROUP, id="0")
+    r.xreadgroup(GROUP, "alpha", {STREAM: ">"}, count=1)
+    result = _status(redis_url)
+    assert result.returncode == 0, result.stderr
+    assert "pending           1" in result.stdout
+    assert "lag               0" in result.stdout
+    assert any(line.startswith("alpha") and " 1 " in line for line in result.stdout.splitlines())
+
+
+def test_status_of_a_missing_group_says_so(redis_url) -> None:
+    result = _status(redis_url, "--group", "nobody")
+    assert result.returncode == 0, result.stderr
+    assert "nobody (does not exist)" in result.stdout
+
+
+def test_status_reports_unreachable_redis_in_one_line() -> None:
+    result = _status("redis://127.0.0.1:1/0")
+    assert result.returncode == 4
+    assert result.stderr.startswith("streamgroup: cannot reach redis")
+    assert "Traceback" not in result.stderr
