@@ -18,7 +18,12 @@ def test_run_stack_starts_everything_and_stops_cleanly_on_ctrl_c(tmp_path) -> No
     env["STREAMGROUP_PRODUCER_INTERVAL_MS"] = "100"
     log = tmp_path / "stack.log"
     with open(log, "wb") as out:
-        stack = subprocess.Popen([sys.executable, "-m", "streamgroup.devstack"], env=env, stdout=out, stderr=subprocess.STDOUT)
+        stack = subprocess.Popen(
+            [sys.executable, "-m", "streamgroup.devstack"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         time.sleep(6)
         stack.send_signal(signal.SIGINT)
         code = stack.wait(60)

@@ -45,7 +45,11 @@ def test_unreachable_redis_is_retried_and_reported_not_crash_looped(idle_port_se
 
 def test_sigterm_finishes_and_acknowledges_in_flight_work(services, r) -> None:
     consumer = services.start(
-        "consumer", name="draining", HANDLER="support.handlers:record", TESTHANDLER_SLEEP_S=0.2, BATCH_SIZE=10
+        "consumer",
+        name="draining",
+        HANDLER="support.handlers:record",
+        TESTHANDLER_SLEEP_S=0.2,
+        BATCH_SIZE=10,
     )
     for n in range(10):
         r.xadd(STREAM, {"producer": "1", "serial": str(n)})
@@ -58,7 +62,11 @@ def test_sigterm_finishes_and_acknowledges_in_flight_work(services, r) -> None:
 
 def test_grace_period_is_bounded_and_unfinished_work_stays_pending(services, r) -> None:
     consumer = services.start(
-        "consumer", name="slowpoke", HANDLER="support.handlers:record", TESTHANDLER_SLEEP_S=30, SHUTDOWN_GRACE_SECONDS=1
+        "consumer",
+        name="slowpoke",
+        HANDLER="support.handlers:record",
+        TESTHANDLER_SLEEP_S=30,
+        SHUTDOWN_GRACE_SECONDS=1,
     )
     r.xadd(STREAM, {"producer": "1", "serial": "1"})
     wait_for(lambda: r.exists(f"calls:{r.xrange(STREAM)[0][0]}"), timeout=15, what="the handler to start")

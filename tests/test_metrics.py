@@ -21,8 +21,18 @@ def _quiet_state(r) -> None:
 
 def test_group_gauges_equal_xinfo_and_xpending(services, r) -> None:
     _quiet_state(r)
-    reclaimer = services.start("reclaimer", name="reclaimer", metrics=True, CLAIM_MIN_IDLE_MS=3_600_000, RECLAIM_INTERVAL_MS=100)
-    wait_for(lambda: reclaimer.metric("streamgroup_group_pending", **LABELS) == 15, timeout=15, what="pending gauge")
+    reclaimer = services.start(
+        "reclaimer",
+        name="reclaimer",
+        metrics=True,
+        CLAIM_MIN_IDLE_MS=3_600_000,
+        RECLAIM_INTERVAL_MS=100,
+    )
+    wait_for(
+        lambda: reclaimer.metric("streamgroup_group_pending", **LABELS) == 15,
+        timeout=15,
+        what="pending gauge",
+    )
 
     info, summary = group_info(r), r.xpending(STREAM, GROUP)
     consumers = {c["name"]: c for c in r.xinfo_consumers(STREAM, GROUP)}
@@ -31,12 +41,19 @@ def test_group_gauges_equal_xinfo_and_xpending(services, r) -> None:
     assert reclaimer.metric("streamgroup_group_lag_known", **LABELS) == 1
     assert reclaimer.metric("streamgroup_group_pending", **LABELS) == info["pending"] == summary["pending"] == 15
     assert reclaimer.metric("streamgroup_group_consumers", **LABELS) == info["consumers"] == len(consumers)
-    assert reclaimer.metric("streamgroup_consumer_pending", **LABELS, consumer="stalled") == consumers["stalled"]["pending"]
+    assert (
+        reclaimer.metric("streamgroup_consumer_pending", **LABELS, consumer="stalled")
+        == consumers["stalled"]["pending"]
+    )
     idle = reclaimer.metric("streamgroup_consumer_idle_seconds", **LABELS, consumer="stalled")
     assert abs(idle - consumers["stalled"]["idle"] / 1000) < 2
     oldest_ms = int(summary["min"].split("-")[0])
     age = reclaimer.metric("streamgroup_group_oldest_pending_age_seconds", **LABELS)
-    assert age is not None and 0 <= age < 60 and math.isclose(age, r.time()[0] + r.time()[1] / 1e6 - oldest_ms / 1000, abs_tol=2)
+    assert (
+        age is not None
+        and 0 <= age < 60
+        and math.isclose(age, r.time()[0] + r.time()[1] / 1e6 - oldest_ms / 1000, abs_tol=2)
+    )
     assert reclaimer.metric("streamgroup_dead_letter_length", stream=STREAM) == 0
     assert reclaimer.metric("streamgroup_redis_connected") == 1
 
@@ -45,7 +62,11 @@ def test_worker_counters_equal_what_redis_saw(services, r) -> None:
     _quiet_state(r)
     consumer = services.start("consumer", name="worker", metrics=True, HANDLER="support.handlers:record")
     wait_for(lambda: group_info(r)["lag"] == 0, timeout=15, what="the consumer to read the rest")
-    wait_for(lambda: consumer.metric("streamgroup_messages_processed_total", **LABELS, outcome="acked") == 30, timeout=15, what="acked counter")
+    wait_for(
+        lambda: consumer.metric("streamgroup_messages_processed_total", **LABELS, outcome="acked") == 30,
+        timeout=15,
+        what="acked counter",
+    )
     assert group_info(r)["pending"] == 15, "only the stalled consumer's entries remain"
     assert consumer.metric("streamgroup_messages_processed_total", **LABELS, outcome="failed") == 0
     assert consumer.metric("streamgroup_message_processing_seconds_count", **LABELS) == 30
@@ -53,7 +74,11 @@ def test_worker_counters_equal_what_redis_saw(services, r) -> None:
     assert consumer.metric("streamgroup_end_to_end_latency_seconds_bucket", **LABELS, le="+Inf") == 30
 
     producer = services.start("producer", name="producer", metrics=True, PRODUCERS=7, PRODUCER_INTERVAL_MS=50)
-    wait_for(lambda: (producer.metric("streamgroup_messages_produced_total", stream=STREAM) or 0) >= 21, timeout=15, what="produced counter")
+    wait_for(
+        lambda: (producer.metric("streamgroup_messages_produced_total", stream=STREAM) or 0) >= 21,
+        timeout=15,
+        what="produced counter",
+    )
     assert producer.stop() == 0
     assert r.xinfo_stream(STREAM)["entries-added"] == 50 + int(_last_produced(producer))
 
@@ -69,15 +94,32 @@ def test_lag_unknown_is_reported_not_hidden(services, r) -> None:
     _quiet_state(r)
     r.xdel(STREAM, r.xrange(STREAM, count=30)[-1][0])  # a deletion beyond last-delivered-id
     r.xgroup_setid(STREAM, GROUP, id=r.xrange(STREAM, count=10)[-1][0])
-    reclaimer = services.start("reclaimer", name="reclaimer", metrics=True, CLAIM_MIN_IDLE_MS=3_600_000, RECLAIM_INTERVAL_MS=100)
+    reclaimer = services.start(
+        "reclaimer",
+        name="reclaimer",
+        metrics=True,
+        CLAIM_MIN_IDLE_MS=3_600_000,
+        RECLAIM_INTERVAL_MS=100,
+    )
     assert group_info(r)["lag"] is None
-    wait_for(lambda: reclaimer.metric("streamgroup_group_lag_known", **LABELS) == 0, timeout=15, what="lag_known 0")
+    wait_for(
+        lambda: reclaimer.metric("streamgroup_group_lag_known", **LABELS) == 0,
+        timeout=15,
+        what="lag_known 0",
+    )
     assert math.isnan(reclaimer.metric("streamgroup_group_lag", **LABELS))
 
 
 def test_consumer_is_counted_active_after_reading(services, r) -> None:
     services.start("consumer", name="live", HANDLER="support.handlers:record", BLOCK_MS=200)
-    reclaimer = services.start("reclaimer", name="reclaimer", metrics=True, RECLAIM_INTERVAL_MS=100, ACTIVE_CONSUMER_IDLE_MS=5000)
+    reclaimer = services.start(
+        "reclaimer",
+        name="reclaimer",
+        metrics=True,
+        RECLAIM_INTERVAL_MS=100,
+        ACTIVE_CONSUMER_IDLE_MS=5000,
+    )
+
     # Whether XAUTOCLAIM registers the reclaimer itself as a consumer differs between servers.
     def agrees_with_server() -> bool:
         active = sum(1 for c in r.xinfo_consumers(STREAM, GROUP) if c["idle"] <= 5000)

@@ -7,7 +7,10 @@ from support.processes import wait_for
 
 
 def _pending_of(r, consumer: str) -> int:
-    return next((c["pending"] for c in r.xinfo_consumers("messageStream", "messageGroup") if c["name"] == consumer), 0)
+    return next(
+        (c["pending"] for c in r.xinfo_consumers("messageStream", "messageGroup") if c["name"] == consumer),
+        0,
+    )
 
 
 def _produce(services, count: int) -> None:
@@ -22,7 +25,11 @@ def _kill_mid_batch(services, r, name: str, count: int) -> set[str]:
     too: they will be handled again (at-least-once), which the tests below allow for.
     """
     victim = services.start(
-        "consumer", name=name, HANDLER="support.handlers:record", TESTHANDLER_SLEEP_S=0.1, BATCH_SIZE=count
+        "consumer",
+        name=name,
+        HANDLER="support.handlers:record",
+        TESTHANDLER_SLEEP_S=0.1,
+        BATCH_SIZE=count,
     )
     _produce(services, count)
     wait_for(lambda: len(ledger(r).done) >= 3, timeout=30, what="a few messages handled")
@@ -47,9 +54,17 @@ def test_consumer_restarted_under_same_name_finishes_its_own_pending(services, r
 def test_reclaimer_takes_over_from_a_consumer_that_never_returns(services, r) -> None:
     held = _kill_mid_batch(services, r, "consumer-gone", 20)
     services.start(
-        "reclaimer", name="reclaimer", HANDLER="support.handlers:record", CLAIM_MIN_IDLE_MS=500, RECLAIM_INTERVAL_MS=200
+        "reclaimer",
+        name="reclaimer",
+        HANDLER="support.handlers:record",
+        CLAIM_MIN_IDLE_MS=500,
+        RECLAIM_INTERVAL_MS=200,
     )
-    wait_for(lambda: all_acked(r, 20), timeout=30, what="the reclaimer to finish the dead consumer's work")
+    wait_for(
+        lambda: all_acked(r, 20),
+        timeout=30,
+        what="the reclaimer to finish the dead consumer's work",
+    )
     books = ledger(r)
     assert books.unprocessed() == set()
     assert held <= books.done_by["reclaimer"]
@@ -59,8 +74,12 @@ def test_reclaimer_takes_over_from_a_consumer_that_never_returns(services, r) ->
 def test_failed_message_stays_pending_and_the_reclaimer_retries_it(services, r) -> None:
     consumer = services.start("consumer", name="consumer-f", HANDLER="support.handlers:fail_first_delivery")
     _produce(services, 5)
-    wait_for(lambda: r.llen("done-by") == 0 and sum(int(r.get(f"calls:{i}") or 0) for i, _ in r.xrange("messageStream")) == 5,
-             timeout=30, what="every message tried once")  # fmt: skip
+
+    def tried_once() -> bool:
+        return sum(int(r.get(f"calls:{entry_id}") or 0) for entry_id, _ in r.xrange("messageStream")) == 5
+
+    wait_for(tried_once, timeout=30, what="every message tried once")
+    assert r.llen("done-by") == 0
     assert group_info(r)["pending"] == 5, "failed messages are not acknowledged"
     assert _pending_of(r, "consumer-f") == 5
     services.start(

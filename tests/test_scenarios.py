@@ -13,7 +13,12 @@ MESSAGES = 300
 @pytest.mark.parametrize(
     ("producers", "consumers"),
     [(1, 1), (1, 3), (5, 1), (5, 3)],
-    ids=["1-producer-1-consumer", "1-producer-N-consumers", "N-producers-1-consumer", "N-producers-N-consumers"],
+    ids=[
+        "1-producer-1-consumer",
+        "1-producer-N-consumers",
+        "N-producers-1-consumer",
+        "N-producers-N-consumers",
+    ],
 )
 def test_scenario(services, r, producers: int, consumers: int) -> None:
     workers = [
@@ -21,7 +26,11 @@ def test_scenario(services, r, producers: int, consumers: int) -> None:
         for i in range(consumers)
     ]
     producer = services.start(
-        "producer", PRODUCERS=producers, PRODUCER_INTERVAL_MS=5, MAX_MESSAGES=MESSAGES, LOG_LEVEL="WARNING"
+        "producer",
+        PRODUCERS=producers,
+        PRODUCER_INTERVAL_MS=5,
+        MAX_MESSAGES=MESSAGES,
+        LOG_LEVEL="WARNING",
     )
     assert producer.wait(60) == 0, producer.output
     wait_for(lambda: all_acked(r, MESSAGES), timeout=60, what="every message acknowledged")

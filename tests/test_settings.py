@@ -21,13 +21,37 @@ def _run(kind: str, **settings: object) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("variable", "value", "expected"),
     [
-        ("STREAMGROUP_BATCH_SIZE", "lots", "STREAMGROUP_BATCH_SIZE: Input should be a valid integer"),
+        (
+            "STREAMGROUP_BATCH_SIZE",
+            "lots",
+            "STREAMGROUP_BATCH_SIZE: Input should be a valid integer",
+        ),
         ("STREAMGROUP_BATCH_SIZE", "0", "STREAMGROUP_BATCH_SIZE: Input should be greater than 0"),
-        ("STREAMGROUP_METRICS_PORT", "70000", "STREAMGROUP_METRICS_PORT: Input should be less than or equal to 65535"),
-        ("STREAMGROUP_LOG_FORMAT", "xml", "STREAMGROUP_LOG_FORMAT: Input should be 'json' or 'console'"),
-        ("STREAMGROUP_REDIS_URL", "http://localhost:6379", "STREAMGROUP_REDIS_URL: URL scheme must be one of"),
-        ("STREAMGROUP_BATCH_SIZ", "10", "STREAMGROUP_BATCH_SIZ: unknown variable (did you mean STREAMGROUP_BATCH_SIZE?)"),
-        ("STREAMGROUP_REDIS_PASSWORD_FILE", "/nonexistent", "STREAMGROUP_REDIS_PASSWORD_FILE: Path does not point to a file"),
+        (
+            "STREAMGROUP_METRICS_PORT",
+            "70000",
+            "STREAMGROUP_METRICS_PORT: Input should be less than or equal to 65535",
+        ),
+        (
+            "STREAMGROUP_LOG_FORMAT",
+            "xml",
+            "STREAMGROUP_LOG_FORMAT: Input should be 'json' or 'console'",
+        ),
+        (
+            "STREAMGROUP_REDIS_URL",
+            "http://localhost:6379",
+            "STREAMGROUP_REDIS_URL: URL scheme must be one of",
+        ),
+        (
+            "STREAMGROUP_BATCH_SIZ",
+            "10",
+            "STREAMGROUP_BATCH_SIZ: unknown variable (did you mean STREAMGROUP_BATCH_SIZE?)",
+        ),
+        (
+            "STREAMGROUP_REDIS_PASSWORD_FILE",
+            "/nonexistent",
+            "STREAMGROUP_REDIS_PASSWORD_FILE: Path does not point to a file",
+        ),
     ],
 )
 def test_bad_variable_exits_2_naming_it(kind: str, variable: str, value: str, expected: str) -> None:
@@ -82,9 +106,7 @@ def test_cross_field_rule(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("STREAMGROUP_REDIS_CERT_FILE", str(cert))
     with pytest.raises(ConfigError) as caught:
         load_settings()
-    assert caught.value.problems == [
-        "STREAMGROUP_REDIS_CERT_FILE and STREAMGROUP_REDIS_KEY_FILE go together"
-    ]
+    assert caught.value.problems == ["STREAMGROUP_REDIS_CERT_FILE and STREAMGROUP_REDIS_KEY_FILE go together"]
 
 
 def test_redacted_url_hides_the_password(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,7 +27,8 @@ def _format_table(stats: groupstats.GroupStats) -> str:
         f"stream length     {stats.stream_length}",
         f"lag               {lag}",
         f"pending           {stats.pending}",
-        f"oldest pending    {stats.oldest_pending_age_seconds:.1f}s" + (f" ({stats.oldest_pending_id})" if stats.oldest_pending_id else ""),
+        f"oldest pending    {stats.oldest_pending_age_seconds:.1f}s"
+        + (f" ({stats.oldest_pending_id})" if stats.oldest_pending_id else ""),
         f"dead letters      {stats.dead_letter_length}",
         "",
         f"{'CONSUMER':<40} {'PENDING':>8} {'IDLE':>10}",
@@ -41,7 +42,11 @@ def _format_table(stats: groupstats.GroupStats) -> str:
 async def _status(args: argparse.Namespace) -> int:
     settings = load_settings()
     keys = StreamKeys.from_settings(settings)
-    keys = StreamKeys(args.stream or keys.stream, args.group or keys.group, keys.dead_letter if not args.stream else f"{args.stream}:dead")
+    keys = StreamKeys(
+        args.stream or keys.stream,
+        args.group or keys.group,
+        keys.dead_letter if not args.stream else f"{args.stream}:dead",
+    )
     client = create_client(settings)
     try:
         await check_server(client)

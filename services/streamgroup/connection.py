@@ -65,7 +65,11 @@ def judge_server(info: dict) -> tuple[str, str, str | None]:
     if _version(version) >= minimum:
         return name, version, None
     needed = ".".join(map(str, minimum))
-    return name, version, (
-        f"{name} {version} is too old: streamgroup needs {name} >= {needed} "
-        "(XAUTOCLAIM that drops deleted entries, lag in XINFO GROUPS)"
+    return (
+        name,
+        version,
+        (
+            f"{name} {version} is too old: streamgroup needs {name} >= {needed} "
+            "(XAUTOCLAIM that drops deleted entries, lag in XINFO GROUPS)"
+        ),
     )

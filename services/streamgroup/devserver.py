@@ -60,7 +60,10 @@ class DevServer:
     def start(self, timeout: float = 10.0) -> DevServer:
         # Own session: a Ctrl-C meant for the services must not take the server down under them.
         self.process = subprocess.Popen(
-            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            self.command(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -60,7 +60,19 @@ async def collect(client: aioredis.Redis, keys: StreamKeys, now: float | None = 
     if not isinstance(groups, ResponseError):  # "no such key": the stream does not exist yet
         group = next((g for g in groups if _text(g["name"]) == keys.group), None)
     if group is None:
-        return GroupStats(keys.stream, keys.group, stream_length, False, None, 0, None, 0.0, None, None, dead_letter_length)
+        return GroupStats(
+            keys.stream,
+            keys.group,
+            stream_length,
+            False,
+            None,
+            0,
+            None,
+            0.0,
+            None,
+            None,
+            dead_letter_length,
+        )
 
     async with client.pipeline(transaction=False) as pipe:
         pipe.xinfo_consumers(keys.stream, keys.group)

@@ -14,7 +14,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 
 def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
-    head = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -24,7 +26,11 @@ async def start_http_server(
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request_line = await asyncio.wait_for(reader.readline(), timeout=5)
-            while (await asyncio.wait_for(reader.readline(), timeout=5)) not in (b"\r\n", b"\n", b""):
+            while (await asyncio.wait_for(reader.readline(), timeout=5)) not in (
+                b"\r\n",
+                b"\n",
+                b"",
+            ):
                 pass
             parts = request_line.decode("latin-1").split()
             path = parts[1].split("?", 1)[0] if len(parts) >= 2 else "/"
@@ -34,7 +40,10 @@ async def start_http_server(
                 reply = _response("200 OK", b"ok\n")
             elif path == "/readyz":
                 ready = is_ready()
-                reply = _response("200 OK" if ready else "503 Service Unavailable", b"ready\n" if ready else b"not ready\n")
+                reply = _response(
+                    "200 OK" if ready else "503 Service Unavailable",
+                    b"ready\n" if ready else b"not ready\n",
+                )
             else:
                 reply = _response("404 Not Found", b"not found\n")
             writer.write(reply)

@@ -65,29 +65,101 @@ class Metrics:
         self.redis_connected = Gauge(f"{p}_redis_connected", "1 while this process is connected to Redis", registry=reg)
 
         # Work counters, exported by the process doing the work.
-        self.produced = Counter(f"{p}_messages_produced", "Messages Redis accepted from the producer", ["stream"], registry=reg).labels(stream)
-        processed = Counter(f"{p}_messages_processed", "Messages handled, by outcome", [*sg, "outcome"], registry=reg)
+        self.produced = Counter(
+            f"{p}_messages_produced",
+            "Messages Redis accepted from the producer",
+            ["stream"],
+            registry=reg,
+        ).labels(stream)
+        processed = Counter(
+            f"{p}_messages_processed",
+            "Messages handled, by outcome",
+            [*sg, "outcome"],
+            registry=reg,
+        )
         self.processed = {outcome: processed.labels(stream, group, outcome) for outcome in OUTCOMES}
-        self.reclaimed = Counter(f"{p}_messages_reclaimed", "Pending entries taken over from idle consumers", sg, registry=reg).labels(stream, group)
-        self.dead_lettered = Counter(f"{p}_messages_dead_lettered", "Entries moved to the dead-letter stream", sg, registry=reg).labels(stream, group)
-        self.consumers_deleted = Counter(f"{p}_consumers_deleted", "Idle consumers holding nothing that were removed from the group", sg, registry=reg).labels(stream, group)
+        self.reclaimed = Counter(
+            f"{p}_messages_reclaimed",
+            "Pending entries taken over from idle consumers",
+            sg,
+            registry=reg,
+        ).labels(stream, group)
+        self.dead_lettered = Counter(
+            f"{p}_messages_dead_lettered",
+            "Entries moved to the dead-letter stream",
+            sg,
+            registry=reg,
+        ).labels(stream, group)
+        self.consumers_deleted = Counter(
+            f"{p}_consumers_deleted",
+            "Idle consumers holding nothing that were removed from the group",
+            sg,
+            registry=reg,
+        ).labels(stream, group)
         labels = {"stream": stream, "group": group}
-        self.processing_seconds = BatchHistogram(f"{p}_message_processing_seconds", "Time the handler took per message", labels)
-        self.end_to_end_seconds = BatchHistogram(f"{p}_end_to_end_latency_seconds", "From the entry ID's timestamp to its acknowledgement", labels)
+        self.processing_seconds = BatchHistogram(
+            f"{p}_message_processing_seconds", "Time the handler took per message", labels
+        )
+        self.end_to_end_seconds = BatchHistogram(
+            f"{p}_end_to_end_latency_seconds",
+            "From the entry ID's timestamp to its acknowledgement",
+            labels,
+        )
         reg.register(self.processing_seconds)
         reg.register(self.end_to_end_seconds)
 
         # Group-level gauges, exported by the reclaimer from XINFO/XPENDING.
-        self.stream_length = Gauge(f"{p}_stream_length", "Entries in the stream (XLEN)", ["stream"], registry=reg).labels(stream)
-        self.dead_letter_length = Gauge(f"{p}_dead_letter_length", "Entries in the dead-letter stream of this stream", ["stream"], registry=reg).labels(stream)
-        self.group_lag = Gauge(f"{p}_group_lag", "Entries not yet delivered to the group (XINFO GROUPS lag)", sg, registry=reg).labels(stream, group)
-        self.group_lag_known = Gauge(f"{p}_group_lag_known", "1 when Redis knows the group's lag, 0 when it reports it as unknown", sg, registry=reg).labels(stream, group)
-        self.group_pending = Gauge(f"{p}_group_pending", "Entries delivered and not acknowledged (XPENDING)", sg, registry=reg).labels(stream, group)
-        self.oldest_pending_age = Gauge(f"{p}_group_oldest_pending_age_seconds", "Age of the oldest pending entry, from its ID's timestamp", sg, registry=reg).labels(stream, group)
-        self.group_consumers = Gauge(f"{p}_group_consumers", "Consumers registered in the group", sg, registry=reg).labels(stream, group)
-        self.group_consumers_active = Gauge(f"{p}_group_consumers_active", "Consumers that interacted with the group recently", sg, registry=reg).labels(stream, group)
-        self.consumer_pending = Gauge(f"{p}_consumer_pending", "Pending entries per consumer", [*sg, "consumer"], registry=reg)
-        self.consumer_idle = Gauge(f"{p}_consumer_idle_seconds", "Seconds since the consumer's last interaction", [*sg, "consumer"], registry=reg)
+        self.stream_length = Gauge(
+            f"{p}_stream_length", "Entries in the stream (XLEN)", ["stream"], registry=reg
+        ).labels(stream)
+        self.dead_letter_length = Gauge(
+            f"{p}_dead_letter_length",
+            "Entries in the dead-letter stream of this stream",
+            ["stream"],
+            registry=reg,
+        ).labels(stream)
+        self.group_lag = Gauge(
+            f"{p}_group_lag",
+            "Entries not yet delivered to the group (XINFO GROUPS lag)",
+            sg,
+            registry=reg,
+        ).labels(stream, group)
+        self.group_lag_known = Gauge(
+            f"{p}_group_lag_known",
+            "1 when Redis knows the group's lag, 0 when it reports it as unknown",
+            sg,
+            registry=reg,
+        ).labels(stream, group)
+        self.group_pending = Gauge(
+            f"{p}_group_pending",
+            "Entries delivered and not acknowledged (XPENDING)",
+            sg,
+            registry=reg,
+        ).labels(stream, group)
+        self.oldest_pending_age = Gauge(
+            f"{p}_group_oldest_pending_age_seconds",
+            "Age of the oldest pending entry, from its ID's timestamp",
+            sg,
+            registry=reg,
+        ).labels(stream, group)
+        self.group_consumers = Gauge(
+            f"{p}_group_consumers", "Consumers registered in the group", sg, registry=reg
+        ).labels(stream, group)
+        self.group_consumers_active = Gauge(
+            f"{p}_group_consumers_active",
+            "Consumers that interacted with the group recently",
+            sg,
+            registry=reg,
+        ).labels(stream, group)
+        self.consumer_pending = Gauge(
+            f"{p}_consumer_pending", "Pending entries per consumer", [*sg, "consumer"], registry=reg
+        )
+        self.consumer_idle = Gauge(
+            f"{p}_consumer_idle_seconds",
+            "Seconds since the consumer's last interaction",
+            [*sg, "consumer"],
+            registry=reg,
+        )
         self._labels = (stream, group)
 
     def set_consumers(self, consumers: Iterable[tuple[str, int, float]]) -> None:

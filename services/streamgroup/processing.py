@@ -129,7 +129,12 @@ class MessageWorker:
         rejected: list[tuple[RawEntry, str]] = []
         for entry in entries:
             if entry.deliveries > self._max_deliveries:
-                rejected.append((entry, f"delivered {entry.deliveries} times; a consumer died handling it each time"))
+                rejected.append(
+                    (
+                        entry,
+                        f"delivered {entry.deliveries} times; a consumer died handling it each time",
+                    )
+                )
                 continue
             message = decode(stream, entry)
             if message is None:
@@ -180,7 +185,9 @@ class MessageWorker:
 
     async def _dead_letter(self, rejected: list[tuple[RawEntry, str]]) -> None:
         moved = await streams.dead_letter(
-            self._client, self._keys, [(entry, self._consumer, reason) for entry, reason in rejected]
+            self._client,
+            self._keys,
+            [(entry, self._consumer, reason) for entry, reason in rejected],
         )
         self._metrics.dead_lettered.inc(moved)
         self._metrics.processed["dead_lettered"].inc(moved)

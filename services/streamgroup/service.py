@@ -4,6 +4,7 @@ connecting (and reconnecting) to Redis, and turning failures into distinct exit 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -35,7 +36,13 @@ from streamgroup.settings import Settings, load_settings
 
 log = get_logger("streamgroup.service")
 
-TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, ReadOnlyError)
+TRANSIENT_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+    TimeoutError,
+    ReadOnlyError,
+)
 TRANSIENT_REPLIES = ("NOGROUP", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
 
 
@@ -63,10 +70,8 @@ class Service:
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, waking early when the service is asked to stop."""
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
 
 
 def _resolve(future: asyncio.Future) -> None:
@@ -121,7 +126,13 @@ async def _main(name: str, settings: Settings, make_worker: Callable[[Service], 
     http = None
     if settings.metrics_port:
         http = await start_http_server(settings.metrics_port, service.metrics.registry, lambda: service.ready)
-    log.info("starting", redis=settings.redis_url_redacted, stream=keys.stream, group=keys.group, metrics_port=settings.metrics_port)
+    log.info(
+        "starting",
+        redis=settings.redis_url_redacted,
+        stream=keys.stream,
+        group=keys.group,
+        metrics_port=settings.metrics_port,
+    )
     try:
         code = await _serve(service, worker)
         if code == EXIT_OK:
@@ -160,7 +171,12 @@ async def _serve(service: Service, worker: Worker) -> int:
                 return EXIT_UNEXPECTED
             _set_ready(service, False)
             delay = backoff.next_delay()
-            log.warning("redis unavailable; retrying", error=str(exc) or type(exc).__name__, retry_in_seconds=round(delay, 2), attempt=backoff.attempt)
+            log.warning(
+                "redis unavailable; retrying",
+                error=str(exc) or type(exc).__name__,
+                retry_in_seconds=round(delay, 2),
+                attempt=backoff.attempt,
+            )
             await service.sleep(delay)
     return EXIT_OK
 

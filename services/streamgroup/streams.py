@@ -81,7 +81,12 @@ async def delivery_counts(
         return {}
     ordered = sorted(ids, key=_id_key)
     rows = await client.xpending_range(
-        keys.stream, keys.group, min=ordered[0], max=ordered[-1], count=len(ordered) * 2 + 10, consumername=consumer
+        keys.stream,
+        keys.group,
+        min=ordered[0],
+        max=ordered[-1],
+        count=len(ordered) * 2 + 10,
+        consumername=consumer,
     )
     return {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
 
@@ -92,7 +97,12 @@ def _id_key(entry_id: str) -> tuple[int, int]:
 
 
 async def autoclaim(
-    client: aioredis.Redis, keys: StreamKeys, consumer: str, min_idle_ms: int, cursor: str, count: int
+    client: aioredis.Redis,
+    keys: StreamKeys,
+    consumer: str,
+    min_idle_ms: int,
+    cursor: str,
+    count: int,
 ) -> tuple[str, list[RawEntry], list[str]]:
     """Take over entries idle for min_idle_ms from any consumer. Returns (next cursor, entries, deleted ids)."""
     reply = await client.xautoclaim(keys.stream, keys.group, consumer, min_idle_ms, start_id=cursor, count=count)
@@ -119,14 +129,16 @@ async def dead_letter(
         for entry, consumer, reason in entries:
             fields: dict[bytes | str, bytes | str] = dict(entry.fields or {})
             p = DEAD_LETTER_FIELDS_PREFIX
-            fields.update({
-                f"{p}original-id": entry.id,
-                f"{p}stream": keys.stream,
-                f"{p}group": keys.group,
-                f"{p}consumer": consumer,
-                f"{p}deliveries": str(entry.deliveries),
-                f"{p}error": reason[:4096],
-            })
+            fields.update(
+                {
+                    f"{p}original-id": entry.id,
+                    f"{p}stream": keys.stream,
+                    f"{p}group": keys.group,
+                    f"{p}consumer": consumer,
+                    f"{p}deliveries": str(entry.deliveries),
+                    f"{p}error": reason[:4096],
+                }
+            )
             pipe.xadd(keys.dead_letter, fields)
             pipe.xack(keys.stream, keys.group, entry.id)
             moved += 1

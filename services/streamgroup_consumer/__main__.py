@@ -16,7 +16,12 @@ class Consumer:
         self._name = settings.consumer_name
         self._runner = HandlerRunner(load_handler(settings.handler), settings.concurrency)
         self._worker = MessageWorker(
-            service.client, service.keys, self._name, self._runner, settings.max_deliveries, service.metrics
+            service.client,
+            service.keys,
+            self._name,
+            self._runner,
+            settings.max_deliveries,
+            service.metrics,
         )
         self._unacked: list[str] = []
 

@@ -22,7 +22,12 @@ class Reclaimer:
         self._name = settings.consumer_name
         self._runner = HandlerRunner(load_handler(settings.handler), settings.concurrency)
         self._worker = MessageWorker(
-            service.client, service.keys, self._name, self._runner, settings.max_deliveries, service.metrics
+            service.client,
+            service.keys,
+            self._name,
+            self._runner,
+            settings.max_deliveries,
+            service.metrics,
         )
 
     async def run(self) -> None:
@@ -43,7 +48,10 @@ class Reclaimer:
                 client, keys, self._name, settings.claim_min_idle_ms, cursor, settings.batch_size
             )
             if deleted:
-                log.warning("pending entries were deleted from the stream before anyone handled them", ids=deleted)
+                log.warning(
+                    "pending entries were deleted from the stream before anyone handled them",
+                    ids=deleted,
+                )
             if entries:
                 total += len(entries)
                 service.metrics.reclaimed.inc(len(entries))

@@ -46,7 +46,10 @@ class ServiceProcess:
     def start(self) -> ServiceProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", MODULES[self.kind]], env=self.env, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-m", MODULES[self.kind]],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         return self
 
@@ -134,7 +137,12 @@ def _answers(proc: ServiceProcess) -> bool:
         return False
 
 
-def wait_for(condition: Callable[[], object], timeout: float = 30, interval: float = 0.1, what: str = "condition"):
+def wait_for(
+    condition: Callable[[], object],
+    timeout: float = 30,
+    interval: float = 0.1,
+    what: str = "condition",
+):
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
