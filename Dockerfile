@@ -13,7 +13,8 @@
 ARG PYTHON_BASE=python:3.12-slim
 
 # ---------------------------------------------------------------------------------------------
-# builder: wheels of the project and of all its runtime dependencies, nothing else.
+# builder: the wheels of the project and of all its runtime dependencies, installed from those
+# wheels alone into the venv /opt/streamgroup that the runtime stage copies.
 FROM ${PYTHON_BASE} AS builder
 
 # Optional: path (inside the build) of a CA bundle for pip; unset, pip uses its own bundle.
@@ -32,8 +33,17 @@ COPY services ./services
 RUN /opt/build-venv/bin/pip wheel --prefer-binary --wheel-dir /wheels . \
     && ls -l /wheels
 
+# Install the wheels (--no-index: nothing else) into a clean venv, byte-compiled at install time
+# so a read-only root filesystem costs nothing; then drop pip and setuptools from it. The venv
+# refers to the base's python3 by path, which the runtime stage (same base) has too.
+RUN python3 -m venv /opt/streamgroup \
+    && /opt/streamgroup/bin/pip install --no-index --find-links /wheels streamgroup \
+    && /opt/streamgroup/bin/pip uninstall -y pip setuptools
+
 # ---------------------------------------------------------------------------------------------
-# runtime: same base, the installed wheels, tini; no compilers, no build tree, no wheel files.
+# runtime: same base, tini, the venv; no compilers, no pip, no sources, no wheel files.
+# (The venv is copied rather than installed here from a `RUN --mount=from=builder` of the wheels:
+# podman/buildah 4.x mount a stale or empty builder stage when it comes from the layer cache.)
 FROM ${PYTHON_BASE} AS runtime
 
 LABEL org.opencontainers.image.title="streamgroup" \
@@ -42,9 +52,6 @@ LABEL org.opencontainers.image.title="streamgroup" \
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_ROOT_USER_ACTION=ignore \
     VIRTUAL_ENV=/opt/streamgroup \
     PATH=/opt/streamgroup/bin:$PATH
 
@@ -54,21 +61,17 @@ RUN apt-get update \
     && apt-get clean \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
 
-# Install from the builder's wheels only (--no-index: no network), byte-compiled at install time
-# so a read-only root filesystem costs nothing; then drop pip/setuptools from the venv.
-RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    python3 -m venv "$VIRTUAL_ENV" \
-    && "$VIRTUAL_ENV/bin/pip" install --no-index --find-links /wheels streamgroup \
-    && "$VIRTUAL_ENV/bin/pip" uninstall -y pip setuptools \
-    && python3 -c "import streamgroup, streamgroup_producer, streamgroup_consumer, streamgroup_reclaimer" \
-    && for script in streamgroup streamgroup-producer streamgroup-consumer streamgroup-reclaimer; do \
-           command -v "$script" || exit 1; \
-       done
-
 # Numeric non-root user (Kubernetes runAsNonRoot can verify a numeric UID); no home, no shell.
 RUN groupadd --gid 10001 streamgroup \
     && useradd --uid 10001 --gid 10001 --no-create-home --no-log-init \
        --home-dir /nonexistent --shell /usr/sbin/nologin streamgroup
+
+COPY --from=builder /opt/streamgroup /opt/streamgroup
+RUN python3 -c "import streamgroup, streamgroup_producer, streamgroup_consumer, streamgroup_reclaimer" \
+    && for script in streamgroup streamgroup-producer streamgroup-consumer streamgroup-reclaimer; do \
+           command -v "$script" || exit 1; \
+       done
+
 USER 10001:10001
 
 # Prometheus metrics and /healthz, /readyz (STREAMGROUP_METRICS_PORT, default 9180).

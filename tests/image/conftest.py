@@ -44,6 +44,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # The Dockerfile's default base (ARG PYTHON_BASE), fully qualified as podman stores it.
 BASE_IMAGE = "docker.io/library/python:3.12-slim"
 IMAGE = "localhost/streamgroup:image-test"
+BUILDER_IMAGE = "localhost/streamgroup:image-test-builder"
 
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = os.environ.get("STREAMGROUP_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -54,9 +55,7 @@ BASE_CHANGES = (
     'CMD ["python3"]',
 )
 RECIPE_LABEL = "io.streamgroup.ci-stand-in-recipe"
-RECIPE = hashlib.sha256(
-    repr((DEBIAN_SUITE, "minbase", BASE_PACKAGES, BASE_CHANGES)).encode()
-).hexdigest()[:16]
+RECIPE = hashlib.sha256(repr((DEBIAN_SUITE, "minbase", BASE_PACKAGES, BASE_CHANGES)).encode()).hexdigest()[:16]
 
 CACHE_DIR = Path(os.environ.get("STREAMGROUP_IMAGE_TEST_CACHE", "/var/tmp/streamgroup-image-test"))
 RUN_DIR = Path("/run/streamgroup-image-test")
@@ -89,9 +88,7 @@ REQUIRED_TOOLS = ("podman", "runc", "debootstrap", "tar", "redis-server")
 class Podman:
     env: dict[str, str]
 
-    def run(
-        self, *args: str, timeout: float = 120, check: bool = True, **kw
-    ) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, timeout: float = 120, check: bool = True, **kw) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             ["podman", *args],
             env=self.env,
@@ -160,10 +157,7 @@ def _build_stand_in_base(podman: Podman) -> None:
             timeout=600,
         )
         if proc.returncode != 0:
-            pytest.fail(
-                f"debootstrap failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                f"{proc.stderr[-4000:]}"
-            )
+            pytest.fail(f"debootstrap failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
         # Like the official slim image: no package lists, no downloaded .debs.
         for leftover in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for path in (rootfs / leftover).glob("*"):
@@ -218,14 +212,26 @@ def image_build_args(base_image: str) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def image(podman: Podman, image_build_args: list[str]) -> str:
-    """The project's image, built from the root Dockerfile on the stand-in base."""
+def images(podman: Podman, image_build_args: list[str]) -> tuple[str, str]:
+    """The project's image, built from the root Dockerfile on the stand-in base, and its
+    `builder` stage (tagged too, so its layers stay cached and tests can look into it)."""
     started = time.monotonic()
+    podman.run("build", "--target", "builder", "--tag", BUILDER_IMAGE, *image_build_args, timeout=600)
     podman.run("build", "--tag", IMAGE, *image_build_args, timeout=600)
     _log(f"image {IMAGE} built in {time.monotonic() - started:.0f}s")
-    # Drop leftovers of earlier builds (untagged, childless); the current layer chain stays.
+    # Drop leftovers of earlier builds (untagged, childless); the current layer chains stay.
     podman.run("image", "prune", "--force", check=False)
-    return IMAGE
+    return IMAGE, BUILDER_IMAGE
+
+
+@pytest.fixture(scope="session")
+def image(images: tuple[str, str]) -> str:
+    return images[0]
+
+
+@pytest.fixture(scope="session")
+def builder_image(images: tuple[str, str]) -> str:
+    return images[1]
 
 
 def _free_port() -> int:
