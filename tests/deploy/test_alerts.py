@@ -97,7 +97,9 @@ def test_selector_picks_the_release_series():
 
 
 def _anchors(markdown: str) -> set[str]:
-    return {re.sub(r"[^\w-]", "", h.strip().lower().replace(" ", "-")) for h in re.findall(r"^#+ (.+)$", markdown, re.M)}
+    return {
+        re.sub(r"[^\w-]", "", h.strip().lower().replace(" ", "-")) for h in re.findall(r"^#+ (.+)$", markdown, re.M)
+    }
 
 
 def test_every_alert_explains_itself_and_links_its_runbook_section():
@@ -139,14 +141,18 @@ def _dashboard_queries() -> list[str]:
 def test_every_dashboard_query_parses(promtool, tmp_path):
     queries = _dashboard_queries()
     assert len(queries) > 20
-    groups = [{"name": "dashboard", "rules": [{"record": f"dashboard:query_{i}", "expr": q} for i, q in enumerate(queries)]}]
+    groups = [
+        {"name": "dashboard", "rules": [{"record": f"dashboard:query_{i}", "expr": q} for i, q in enumerate(queries)]}
+    ]
     result = _promtool(promtool, "check", "rules", str(_write_rules(tmp_path, groups)), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(queries)} rules found" in result.stdout
 
 
 def test_promtool_rejects_a_broken_query(promtool, tmp_path):
-    groups = [{"name": "dashboard", "rules": [{"record": "dashboard:bad", "expr": "sum by (stream (streamgroup_group_lag)"}]}]
+    groups = [
+        {"name": "dashboard", "rules": [{"record": "dashboard:bad", "expr": "sum by (stream (streamgroup_group_lag)"}]}
+    ]
     result = _promtool(promtool, "check", "rules", str(_write_rules(tmp_path, groups)), cwd=tmp_path)
     assert result.returncode != 0
 
@@ -158,8 +164,14 @@ def test_dashboard_shows_what_operators_need():
             "Processing time", "End-to-end latency", "Dead letters"} <= titles  # fmt: skip
     exprs = " ".join(_dashboard_queries())
     for quantile in ("0.5", "0.95", "0.99"):
-        assert f"histogram_quantile({quantile}, sum by (stream, group, le) (rate(streamgroup_message_processing_seconds_bucket" in exprs
-        assert f"histogram_quantile({quantile}, sum by (stream, group, le) (rate(streamgroup_end_to_end_latency_seconds_bucket" in exprs
+        assert (
+            f"histogram_quantile({quantile}, sum by (stream, group, le) (rate(streamgroup_message_processing_seconds_bucket"
+            in exprs
+        )
+        assert (
+            f"histogram_quantile({quantile}, sum by (stream, group, le) (rate(streamgroup_end_to_end_latency_seconds_bucket"
+            in exprs
+        )
 
 
 def _exported_names() -> set[str]:

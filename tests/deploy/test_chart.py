@@ -55,8 +55,16 @@ def test_ci_values_render_every_component(values_file):
 
 def test_ci_values_cover_the_optional_objects():
     kinds = {o["kind"] for path in CI_VALUES for o in render(ci_values(path))}
-    for kind in ("PodMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication",
-                 "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "StatefulSet"):
+    for kind in (
+        "PodMonitor",
+        "PrometheusRule",
+        "ScaledObject",
+        "TriggerAuthentication",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "StatefulSet",
+    ):
         assert kind in kinds, f"no ci/*.yaml renders a {kind}"
 
 
@@ -85,7 +93,10 @@ def test_notes_tell_the_next_steps():
         ({"consumerz": {}}, "additional properties 'consumerz' not allowed"),
         ({"consumer": {"replica": 2}}, "at '/consumer': additional properties 'replica' not allowed"),
         ({"config": {"logFormat": "xml"}}, "at '/config/logFormat'"),
-        ({"prometheusRule": {"rules": {"pendingHigh": {"for": "ten minutes"}}}}, "at '/prometheusRule/rules/pendingHigh/for'"),
+        (
+            {"prometheusRule": {"rules": {"pendingHigh": {"for": "ten minutes"}}}},
+            "at '/prometheusRule/rules/pendingHigh/for'",
+        ),
         ({"redis": {"external": {"url": "redis://:secret@redis:6379/0"}}}, "at '/redis/external/url'"),
     ],
 )
@@ -128,7 +139,9 @@ def _schema_at(path: list[str]):
 
 def _free_form(node) -> bool:
     node = node or {}
-    return "passed through verbatim" in node.get("description", "") or isinstance(node.get("additionalProperties"), dict)
+    return "passed through verbatim" in node.get("description", "") or isinstance(
+        node.get("additionalProperties"), dict
+    )
 
 
 def test_every_value_is_documented_with_a_comment_above_it():
@@ -265,15 +278,22 @@ def test_consumer_replicas_follow_values():
 
 @pytest.mark.parametrize(
     ("values_file", "owner_kind"),
-    [("keda-on-values", "ScaledObject"), ("everything-on-values", "ScaledObject"),
-     ("external-redis-values", "HorizontalPodAutoscaler")],
+    [
+        ("keda-on-values", "ScaledObject"),
+        ("everything-on-values", "ScaledObject"),
+        ("external-redis-values", "HorizontalPodAutoscaler"),
+    ],
 )
 def test_autoscaled_consumer_leaves_replicas_to_its_scaler(renders, values_file, owner_kind):
     objects = renders(values_file)
     consumer = one(objects, "Deployment", component_name("consumer"))
     assert "replicas" not in consumer["spec"]
     owner = one(objects, owner_kind, component_name("consumer"))
-    assert owner["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": component_name("consumer")}
+    assert owner["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": component_name("consumer"),
+    }
     # The other components keep theirs.
     assert one(objects, "Deployment", component_name("reclaimer"))["spec"]["replicas"] == 1
 
@@ -297,14 +317,18 @@ def test_keda_triggers_watch_lag_and_pending_of_the_group(renders):
     assert lag["metadata"]["lagCount"] == "500"
     assert pending["metadata"]["pendingEntriesCount"] == "200"
     auth = one(objects, "TriggerAuthentication")
-    assert auth["spec"]["secretTargetRef"] == [{"parameter": "password", "name": "streamgroup-redis", "key": "password"}]
+    assert auth["spec"]["secretTargetRef"] == [
+        {"parameter": "password", "name": "streamgroup-redis", "key": "password"}
+    ]
 
 
 def test_keda_address_comes_from_the_external_url():
-    objects = render({
-        "redis": {"bundled": {"enabled": False}, "external": {"url": "rediss://cache.example:6380/3"}},
-        "consumer": {"autoscaling": {"keda": {"enabled": True}}},
-    })
+    objects = render(
+        {
+            "redis": {"bundled": {"enabled": False}, "external": {"url": "rediss://cache.example:6380/3"}},
+            "consumer": {"autoscaling": {"keda": {"enabled": True}}},
+        }
+    )
     (trigger,) = one(objects, "ScaledObject")["spec"]["triggers"]
     assert trigger["metadata"]["address"] == "cache.example:6380"
     assert trigger["metadata"]["databaseIndex"] == "3"
@@ -354,7 +378,10 @@ def test_bundled_redis_with_password_requires_it(renders):
     redis = one(renders("everything-on-values"), "StatefulSet")
     container = redis["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][-2:] == ["--requirepass", "$(REDISCLI_AUTH)"]
-    assert _env(container)["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"] == {"name": "streamgroup-redis", "key": "password"}
+    assert _env(container)["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"] == {
+        "name": "streamgroup-redis",
+        "key": "password",
+    }
 
 
 def test_helm_test_hook_checks_redis_with_streamgroup_status(rendered_defaults):
@@ -371,13 +398,17 @@ def test_config_numbers_render_as_plain_integers():
 
 def test_pod_disruption_budgets_select_their_component(renders):
     budgets = find(renders("everything-on-values"), "PodDisruptionBudget")
-    assert sorted(b["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] for b in budgets) == sorted(COMPONENTS)
+    assert sorted(b["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] for b in budgets) == sorted(
+        COMPONENTS
+    )
 
 
 def test_network_policy_lets_only_the_release_reach_redis(renders):
     policy = one(renders("everything-on-values"), "NetworkPolicy", component_name("redis"))
     peers = policy["spec"]["ingress"][0]["from"]
-    assert peers[0] == {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "streamgroup", "app.kubernetes.io/instance": "rel"}}}
+    assert peers[0] == {
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "streamgroup", "app.kubernetes.io/instance": "rel"}}
+    }
     assert policy["spec"]["ingress"][0]["ports"] == [{"port": "redis", "protocol": "TCP"}]
 
 

@@ -26,8 +26,10 @@ def _strict(schema: dict) -> dict:
     def visit(node: dict) -> None:
         if not isinstance(node, dict):
             return
-        if "properties" in node and "additionalProperties" not in node and not node.get(
-            "x-kubernetes-preserve-unknown-fields"
+        if (
+            "properties" in node
+            and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")
         ):
             node["additionalProperties"] = False
         for child in node.get("properties", {}).values():
@@ -114,7 +116,12 @@ def test_every_rendered_object_matches_its_schema(values_file, tmp_path):
     for obj in custom:
         validate_custom_resource(obj)
     if values_file and values_file.stem == "everything-on-values":
-        assert sorted({o["kind"] for o in custom}) == ["PodMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication"]
+        assert sorted({o["kind"] for o in custom}) == [
+            "PodMonitor",
+            "PrometheusRule",
+            "ScaledObject",
+            "TriggerAuthentication",
+        ]
 
 
 # --- the validators themselves catch what they must ---------------------------------------------
@@ -129,8 +136,12 @@ def test_kubernetes_validate_rejects_an_unknown_field(rendered_defaults, tmp_pat
 
 def test_kubernetes_validate_refuses_an_api_the_oldest_version_lacks(tmp_path):
     # autoscaling/v2beta2 was removed in 1.26: a chart claiming 1.27 must not render it.
-    hpa = {"apiVersion": "autoscaling/v2beta2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "x"},
-           "spec": {"scaleTargetRef": {"kind": "Deployment", "name": "x"}, "maxReplicas": 2}}
+    hpa = {
+        "apiVersion": "autoscaling/v2beta2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "x"},
+        "spec": {"scaleTargetRef": {"kind": "Deployment", "name": "x"}, "maxReplicas": 2},
+    }
     with pytest.raises(AssertionError, match="WARN"):
         check_builtins([hpa], tmp_path)
 
@@ -139,7 +150,12 @@ def test_an_unknown_kind_fails(tmp_path):
     unknown_builtin = {"apiVersion": "v1", "kind": "Gizmo", "metadata": {"name": "x"}}
     with pytest.raises(AssertionError, match="Gizmo"):
         check_builtins([unknown_builtin], tmp_path)
-    unknown_custom = {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": {"name": "x"}, "spec": {}}
+    unknown_custom = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": {"name": "x"},
+        "spec": {},
+    }
     with pytest.raises(LookupError, match="ServiceMonitor"):
         validate_custom_resource(unknown_custom)
 

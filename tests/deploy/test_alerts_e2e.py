@@ -1,0 +1,155 @@
+"""End to end: a real Prometheus (Debian's package) scrapes the real services on loopback and
+evaluates the chart's rendered alert rules. Stopping the consumers makes the lag alert fire;
+starting them again resolves it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import NAMESPACE, RELEASE, alert_rule_groups, require_tool
+from support.processes import Services, wait_for
+
+from streamgroup.devserver import DevServer, free_port
+
+JOB = f"{NAMESPACE}/{RELEASE}-streamgroup"  # the job label the chart's PodMonitor gives its targets
+# Short thresholds so the test runs in seconds; the expressions are the chart's.
+RULE_VALUES = {
+    "prometheusRule": {
+        "rules": {
+            "lagGrowing": {"threshold": 30, "window": "15s", "for": "2s"},
+            "noActiveConsumer": {"for": "2s"},
+        }
+    }
+}
+
+
+class Prometheus:
+    def __init__(self, directory: Path, targets: dict[str, list[int]]) -> None:
+        self.binary = require_tool("prometheus")
+        self.directory = directory
+        self.port = free_port()
+        (directory / "rules.yaml").write_text(yaml.safe_dump({"groups": alert_rule_groups(RULE_VALUES)}))
+        config = {
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "rule_files": ["rules.yaml"],
+            "scrape_configs": [{
+                "job_name": JOB,
+                "static_configs": [
+                    {"targets": [f"127.0.0.1:{port}" for port in ports],
+                     "labels": {"namespace": NAMESPACE, "component": component}}
+                    for component, ports in targets.items()
+                ],
+            }],
+        }  # fmt: skip
+        (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.log = directory / "prometheus.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Prometheus:
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [self.binary, f"--config.file={self.directory / 'prometheus.yml'}",
+                 f"--storage.tsdb.path={self.directory / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
+                 "--storage.tsdb.retention.time=1h"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        wait_for(self._ready, timeout=30, what="prometheus ready")
+        return self
+
+    def _ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"prometheus exited:\n{self.log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2) as reply:
+                return reply.status == 200
+        except OSError:
+            return False
+
+    def api(self, path: str) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/v1/{path}", timeout=5) as reply:
+            body = json.load(reply)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def alerts(self) -> dict[str, str]:
+        """Active alerts by name: 'pending' or 'firing'."""
+        return {a["labels"]["alertname"]: a["state"] for a in self.api("alerts")["alerts"]}
+
+    def value(self, query: str) -> float | None:
+        result = self.api(f"query?query={urllib.request.quote(query)}")["result"]
+        return float(result[0]["value"][1]) if result else None
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(20)
+
+
+@pytest.fixture
+def valkey() -> Iterator[DevServer]:
+    server = DevServer("valkey").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(240)
+def test_stopping_consumers_fires_the_lag_alert_and_restarting_resolves_it(valkey, tmp_path):
+    services = Services(valkey.url, tmp_path)
+    prometheus = None
+    try:
+        fast = {"RECLAIM_INTERVAL_MS": 300, "ACTIVE_CONSUMER_IDLE_MS": 2000}
+        reclaimer = services.start("reclaimer", metrics=True, **fast)
+        producer = services.start("producer", metrics=True, PRODUCER_INTERVAL_MS=20)
+        consumers = [services.start("consumer", name=f"consumer-{i}", metrics=True) for i in (1, 2)]
+        prometheus = Prometheus(tmp_path, {
+            "reclaimer": [reclaimer.metrics_port], "producer": [producer.metrics_port],
+            "consumer": [c.metrics_port for c in consumers],
+        }).start()  # fmt: skip
+
+        # Healthy: every target up, messages flow, no alert of ours is active.
+        wait_for(
+            lambda: prometheus.value(f'sum(up{{job="{JOB}"}})') == 4, timeout=30, interval=0.5, what="4 targets up"
+        )
+        wait_for(lambda: (prometheus.value('sum(streamgroup_messages_processed_total{outcome="acked"})') or 0) > 20,
+                 timeout=30, interval=0.5, what="messages processed")  # fmt: skip
+        time.sleep(5)  # several evaluations with consumers keeping up
+        assert prometheus.alerts() == {}
+
+        # Consumers stop cleanly; the producer keeps writing, so the lag grows.
+        for consumer in consumers:
+            assert consumer.stop() == 0
+        fired = wait_for(
+            lambda: (a := prometheus.alerts()).get("StreamgroupLagGrowing") == "firing" and a,
+            timeout=60, interval=0.5, what="StreamgroupLagGrowing firing",
+        )  # fmt: skip
+        assert set(fired) <= {"StreamgroupLagGrowing", "StreamgroupNoActiveConsumer", "StreamgroupPendingHigh"}
+        lag = prometheus.value(f'streamgroup_group_lag{{job="{JOB}", component="reclaimer"}}')
+        assert lag is not None and lag > 30
+
+        # Consumers back: the backlog drains and both alerts resolve.
+        consumers = [services.start("consumer", name=f"consumer-{i}", metrics=True) for i in (3, 4)]
+        prometheus_targets_back = lambda: (
+            (prometheus.value(f'streamgroup_group_consumers_active{{job="{JOB}", component="reclaimer"}}') or 0) >= 1
+        )
+        wait_for(prometheus_targets_back, timeout=30, interval=0.5, what="consumers active again")
+        wait_for(lambda: not prometheus.alerts(), timeout=60, interval=0.5, what="alerts resolved")
+        assert (prometheus.value(f'streamgroup_group_lag{{job="{JOB}", component="reclaimer"}}') or 0) < 30
+    except BaseException:
+        print(services.logs())
+        if prometheus is not None:
+            print(prometheus.log.read_text()[-3000:])
+        raise
+    finally:
+        if prometheus is not None:
+            prometheus.stop()
+        services.stop_all()
