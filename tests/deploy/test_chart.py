@@ -8,6 +8,7 @@ import re
 import helm_python as helm
 import pytest
 import yaml
+
 from conftest import (
     CHART,
     CI_VALUES,
@@ -19,7 +20,6 @@ from conftest import (
     render,
     render_templates,
 )
-
 from streamgroup.settings import ENV_PREFIX, Settings
 
 COMPONENTS = ("producer", "consumer", "reclaimer")
@@ -108,9 +108,9 @@ def test_schema_rejects_bad_values(values, message):
 
 def _own_objects(node, path="values"):
     """Every object schema the chart defines itself (not Kubernetes types passed through)."""
-    if node.get("type") == "object" and "passed through verbatim" not in node.get("description", ""):
-        if "properties" in node:
-            yield path, node
+    own = node.get("type") == "object" and "passed through verbatim" not in node.get("description", "")
+    if own and "properties" in node:
+        yield path, node
     for key, child in node.get("properties", {}).items():
         yield from _own_objects(child, f"{path}.{key}")
     for child in node.get("anyOf", []):

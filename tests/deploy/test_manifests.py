@@ -12,6 +12,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+
 from conftest import CI_VALUES, OLDEST_KUBERNETES, ci_values, render
 
 CRD_DIR = Path(__file__).parent / "crd-schemas"
