@@ -141,6 +141,8 @@ def podman() -> Podman:
 def _build_stand_in_base(podman: Podman) -> None:
     """debootstrap a minbase bookworm with Python and import it as BASE_IMAGE (CI measure)."""
     started = time.monotonic()
+    for stale in CACHE_DIR.glob("rootfs-*"):  # left by an interrupted earlier run
+        shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=CACHE_DIR, prefix="rootfs-") as tmp:
         rootfs = Path(tmp) / "rootfs"
         proc = subprocess.run(
