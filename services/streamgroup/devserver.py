@@ -10,6 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -44,15 +45,20 @@ class DevServer:
     extra_args: list[str] = field(default_factory=list)
     directory: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="streamgroup-server-")))
     process: subprocess.Popen | None = None
+    # TLS only: `port` becomes the TLS port (plain TCP off); the certificate options go in extra_args
+    # and the readiness probe connects with probe_options (e.g. ssl_ca_certs, ssl_certfile, ssl_keyfile).
+    tls: bool = False
+    probe_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def command(self) -> list[str]:
+        ports = ["--port", "0", "--tls-port", str(self.port)] if self.tls else ["--port", str(self.port)]
         return [
             str(server_binary(self.kind)),
-            "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+            *ports, "--bind", "127.0.0.1", "--dir", str(self.directory),
             "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", "server.log",
             *self.extra_args,
         ]  # fmt: skip
@@ -70,7 +76,9 @@ class DevServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.kind} server exited with {self.process.returncode}: {self.log_tail()}")
             try:
-                with redis.Redis(port=self.port, socket_connect_timeout=0.2) as probe:
+                with redis.Redis(
+                    port=self.port, socket_connect_timeout=0.2, ssl=self.tls, **self.probe_options
+                ) as probe:
                     probe.ping()
                 return self
             except (redis.exceptions.AuthenticationError, redis.exceptions.ResponseError):

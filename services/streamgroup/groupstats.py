@@ -34,8 +34,9 @@ class GroupStats:
     dead_letter_length: int
     consumers: list[ConsumerStats] = field(default_factory=list)
 
-    def active_consumers(self, within_seconds: float) -> int:
-        return sum(1 for consumer in self.consumers if consumer.idle_seconds <= within_seconds)
+    def active_consumers(self, within_seconds: float, besides: str = "") -> int:
+        """Consumers seen within the last `within_seconds`, not counting `besides` (the reclaimer)."""
+        return sum(1 for c in self.consumers if c.idle_seconds <= within_seconds and c.name != besides)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -56,109 +56,79 @@ class BatchHistogram(Collector):
 
 
 class Metrics:
-    """Every metric of one process, on its own registry (tests make a fresh one each)."""
+    """Every metric of one process, on its own registry (tests make a fresh one each).
 
-    def __init__(self, stream: str, group: str, registry: CollectorRegistry | None = None):
+    Only the reclaimer exports the group-level gauges (group_level=True): one exporter per group,
+    so a sum over pods never counts the backlog twice. Elsewhere they exist but are not registered.
+    """
+
+    def __init__(self, stream: str, group: str, group_level: bool = False, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
-        reg, p = self.registry, PREFIX
+        work, groups = self.registry, self.registry if group_level else None
         sg = ["stream", "group"]
-        self.redis_connected = Gauge(f"{p}_redis_connected", "1 while this process is connected to Redis", registry=reg)
 
-        # Work counters, exported by the process doing the work.
-        self.produced = Counter(
-            f"{p}_messages_produced",
-            "Messages Redis accepted from the producer",
-            ["stream"],
-            registry=reg,
-        ).labels(stream)
-        processed = Counter(
-            f"{p}_messages_processed",
-            "Messages handled, by outcome",
-            [*sg, "outcome"],
-            registry=reg,
+        def counter(name: str, doc: str, labels: list[str], registry: CollectorRegistry | None = work) -> Counter:
+            return Counter(f"{PREFIX}_{name}", doc, labels, registry=registry)
+
+        def gauge(name: str, doc: str, labels: list[str]) -> Gauge:
+            return Gauge(f"{PREFIX}_{name}", doc, labels, registry=groups)
+
+        self.redis_connected = Gauge(f"{PREFIX}_redis_connected", "1 while connected to Redis", registry=work)
+
+        # Work, exported by the process doing it.
+        self.produced = counter("messages_produced", "Messages Redis accepted from the producer", ["stream"]).labels(
+            stream
         )
+        processed = counter("messages_processed", "Messages handled, by outcome", [*sg, "outcome"])
         self.processed = {outcome: processed.labels(stream, group, outcome) for outcome in OUTCOMES}
-        self.reclaimed = Counter(
-            f"{p}_messages_reclaimed",
-            "Pending entries taken over from idle consumers",
-            sg,
-            registry=reg,
-        ).labels(stream, group)
-        self.dead_lettered = Counter(
-            f"{p}_messages_dead_lettered",
-            "Entries moved to the dead-letter stream",
-            sg,
-            registry=reg,
-        ).labels(stream, group)
-        self.consumers_deleted = Counter(
-            f"{p}_consumers_deleted",
-            "Idle consumers holding nothing that were removed from the group",
-            sg,
-            registry=reg,
-        ).labels(stream, group)
+        self.dead_lettered = counter("messages_dead_lettered", "Entries moved to the dead-letter stream", sg).labels(
+            stream, group
+        )
         labels = {"stream": stream, "group": group}
         self.processing_seconds = BatchHistogram(
-            f"{p}_message_processing_seconds", "Time the handler took per message", labels
+            f"{PREFIX}_message_processing_seconds", "Time the handler took per message", labels
         )
         self.end_to_end_seconds = BatchHistogram(
-            f"{p}_end_to_end_latency_seconds",
-            "From the entry ID's timestamp to its acknowledgement",
-            labels,
+            f"{PREFIX}_end_to_end_latency_seconds", "From the entry ID's timestamp to its acknowledgement", labels
         )
-        reg.register(self.processing_seconds)
-        reg.register(self.end_to_end_seconds)
+        work.register(self.processing_seconds)
+        work.register(self.end_to_end_seconds)
 
-        # Group-level gauges, exported by the reclaimer from XINFO/XPENDING.
-        self.stream_length = Gauge(
-            f"{p}_stream_length", "Entries in the stream (XLEN)", ["stream"], registry=reg
+        # The reclaimer's own work.
+        self.reclaimed = counter(
+            "messages_reclaimed", "Pending entries taken over from idle consumers", sg, groups
+        ).labels(stream, group)
+        self.consumers_deleted = counter(
+            "consumers_deleted", "Idle consumers holding nothing that were removed from the group", sg, groups
+        ).labels(stream, group)
+        self.trimmed = counter(
+            "entries_trimmed", "Entries trimmed after every group acknowledged them", ["stream"], groups
         ).labels(stream)
-        self.dead_letter_length = Gauge(
-            f"{p}_dead_letter_length",
-            "Entries in the dead-letter stream of this stream",
-            ["stream"],
-            registry=reg,
+
+        # Group level, from XINFO / XPENDING / XLEN.
+        self.stream_length = gauge("stream_length", "Entries in the stream (XLEN)", ["stream"]).labels(stream)
+        self.dead_letter_length = gauge(
+            "dead_letter_length", "Entries in the dead-letter stream of this stream", ["stream"]
         ).labels(stream)
-        self.group_lag = Gauge(
-            f"{p}_group_lag",
-            "Entries not yet delivered to the group (XINFO GROUPS lag)",
-            sg,
-            registry=reg,
+        self.group_lag = gauge(
+            "group_lag", "Entries not yet delivered to the group (XINFO GROUPS lag); NaN when unknown", sg
         ).labels(stream, group)
-        self.group_lag_known = Gauge(
-            f"{p}_group_lag_known",
-            "1 when Redis knows the group's lag, 0 when it reports it as unknown",
-            sg,
-            registry=reg,
+        self.group_lag_known = gauge(
+            "group_lag_known", "1 when Redis knows the group's lag, 0 when it reports it as unknown", sg
         ).labels(stream, group)
-        self.group_pending = Gauge(
-            f"{p}_group_pending",
-            "Entries delivered and not acknowledged (XPENDING)",
-            sg,
-            registry=reg,
-        ).labels(stream, group)
-        self.oldest_pending_age = Gauge(
-            f"{p}_group_oldest_pending_age_seconds",
-            "Age of the oldest pending entry, from its ID's timestamp",
-            sg,
-            registry=reg,
-        ).labels(stream, group)
-        self.group_consumers = Gauge(
-            f"{p}_group_consumers", "Consumers registered in the group", sg, registry=reg
-        ).labels(stream, group)
-        self.group_consumers_active = Gauge(
-            f"{p}_group_consumers_active",
-            "Consumers that interacted with the group recently",
-            sg,
-            registry=reg,
-        ).labels(stream, group)
-        self.consumer_pending = Gauge(
-            f"{p}_consumer_pending", "Pending entries per consumer", [*sg, "consumer"], registry=reg
+        self.group_pending = gauge("group_pending", "Entries delivered and not acknowledged (XPENDING)", sg).labels(
+            stream, group
         )
-        self.consumer_idle = Gauge(
-            f"{p}_consumer_idle_seconds",
-            "Seconds since the consumer's last interaction",
-            [*sg, "consumer"],
-            registry=reg,
+        self.oldest_pending_age = gauge(
+            "group_oldest_pending_age_seconds", "Age of the oldest pending entry, from its ID's timestamp", sg
+        ).labels(stream, group)
+        self.group_consumers = gauge("group_consumers", "Consumers registered in the group", sg).labels(stream, group)
+        self.group_consumers_active = gauge(
+            "group_consumers_active", "Consumers other than the reclaimer that interacted with the group recently", sg
+        ).labels(stream, group)
+        self.consumer_pending = gauge("consumer_pending", "Pending entries per consumer", [*sg, "consumer"])
+        self.consumer_idle = gauge(
+            "consumer_idle_seconds", "Seconds since the consumer's last interaction", [*sg, "consumer"]
         )
         self._labels = (stream, group)
 

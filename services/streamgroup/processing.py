@@ -8,20 +8,27 @@ deliveries move to the dead-letter stream.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 
 from streamgroup import streams
 from streamgroup.errors import PoisonMessage
-from streamgroup.handlers import Handler, is_async
+from streamgroup.handlers import Handler, is_async, load_handler
 from streamgroup.keys import StreamKeys
 from streamgroup.logs import get_logger
 from streamgroup.message import Message, RawEntry, decode, entry_timestamp
 from streamgroup.metrics import Metrics
+from streamgroup.scripts import Scripts
+from streamgroup.settings import Settings
+
+if TYPE_CHECKING:
+    from streamgroup.service import Service
 
 log = get_logger("streamgroup.processing")
 
@@ -63,8 +70,12 @@ class HandlerRunner:
             await asyncio.gather(*(self._drain_async(queue, results) for _ in range(workers)))
         else:
             loop = asyncio.get_running_loop()
+            # Each thread runs in a copy of the caller's context, so handler logs keep the bound fields.
             await asyncio.gather(
-                *(loop.run_in_executor(self._pool, self._drain_sync, queue, results) for _ in range(workers))
+                *(
+                    loop.run_in_executor(self._pool, contextvars.copy_context().run, self._drain_sync, queue, results)
+                    for _ in range(workers)
+                )
             )
 
     def _drain_sync(self, queue: Iterator[Message], results: Results) -> None:
@@ -102,7 +113,7 @@ class HandlerRunner:
 
 
 class MessageWorker:
-    """Runs a batch through the handler and settles every entry of it."""
+    """Runs a batch through the handler, holds the lease on it meanwhile, and settles every entry."""
 
     def __init__(
         self,
@@ -110,13 +121,22 @@ class MessageWorker:
         keys: StreamKeys,
         consumer: str,
         runner: HandlerRunner,
-        max_deliveries: int,
+        settings: Settings,
         metrics: Metrics,
     ) -> None:
         self._client, self._keys, self._consumer = client, keys, consumer
         self.runner = runner
-        self._max_deliveries = max_deliveries
+        self.scripts = Scripts(client, keys)
+        self._max_deliveries = settings.max_deliveries
+        # Renewed three times per claim window: two renewals may be late before the reclaimer may act.
+        self._lease_seconds = settings.claim_min_idle_ms / 1000.0 / 3
         self._metrics = metrics
+
+    @classmethod
+    def for_service(cls, service: Service) -> MessageWorker:
+        settings = service.settings
+        runner = HandlerRunner(load_handler(settings.handler), settings.concurrency)
+        return cls(service.client, service.keys, settings.consumer_name, runner, settings, service.metrics)
 
     async def handle(self, entries: Sequence[RawEntry], deadline: asyncio.Future | None = None) -> list[str]:
         """Process entries; return the ids that succeeded, which the caller must acknowledge.
@@ -144,18 +164,21 @@ class MessageWorker:
 
         results = Results()
         run = asyncio.ensure_future(self.runner.run(messages, results))
-        if deadline is None:
-            await run
-        else:
-            await asyncio.wait({run, deadline}, return_when=asyncio.FIRST_COMPLETED)
-            if not run.done():
-                self.runner.stop_taking()
-                run.cancel()
-                log.warning(
-                    "shutdown grace ran out; leaving unfinished messages pending",
-                    finished=len(results.succeeded) + len(results.failed),
-                    unfinished=len(messages) - len(results.succeeded) - len(results.failed),
-                )
+        lease = asyncio.ensure_future(self._hold_lease(messages, results))
+        try:
+            await asyncio.wait({run} if deadline is None else {run, deadline}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lease.cancel()
+        if not run.done():
+            self.runner.stop_taking()
+            run.cancel()
+            log.warning(
+                "shutdown grace ran out; leaving unfinished messages pending",
+                finished=len(results.succeeded) + len(results.failed),
+                unfinished=len(messages) - len(results.succeeded) - len(results.failed),
+            )
+        elif run.exception() is not None:
+            raise run.exception()
         self._metrics.processing_seconds.observe_many(results.durations)
 
         if results.failed:
@@ -163,6 +186,20 @@ class MessageWorker:
         if rejected:
             await self._dead_letter(rejected)
         return results.succeeded
+
+    async def _hold_lease(self, messages: Sequence[Message], results: Results) -> None:
+        """Keep the batch's entries from looking idle while the handler works on them; failed ones
+        are let go so the reclaimer can retry them."""
+        while True:
+            await asyncio.sleep(self._lease_seconds)
+            failed = {message.id for message, _ in results.failed}
+            held = [message.id for message in messages if message.id not in failed]
+            try:
+                renewed = await self.scripts.renew_lease(self._consumer, held)
+            except Exception as exc:  # a missed renewal costs a possible duplicate, not a message
+                log.warning("could not renew the lease on entries in progress", error=str(exc))
+                continue
+            log.debug("lease renewed", entries=renewed)
 
     def _settle_failures(
         self, entries: Sequence[RawEntry], failed: list[tuple[Message, BaseException]]

@@ -87,7 +87,7 @@ class Worker(Protocol):
         """Last words before exit (hand-off of anything still held)."""
 
 
-def run(name: str, make_worker: Callable[[Service], Worker]) -> NoReturn:
+def run(name: str, make_worker: Callable[[Service], Worker], group_metrics: bool = False) -> NoReturn:
     """Entry point body of every service: never returns, exits with a code that tells what happened."""
     try:
         settings = load_settings()
@@ -97,7 +97,7 @@ def run(name: str, make_worker: Callable[[Service], Worker]) -> NoReturn:
         sys.exit(exc.exit_code)
     configure_logging(settings.log_format, settings.log_level, service=name, consumer=settings.consumer_name)
     try:
-        code = asyncio.run(_main(name, settings, make_worker))
+        code = asyncio.run(_main(name, settings, make_worker, group_metrics))
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("configuration error", problem=problem)
@@ -116,9 +116,10 @@ def _exit(code: int) -> NoReturn:
     sys.exit(code)
 
 
-async def _main(name: str, settings: Settings, make_worker: Callable[[Service], Worker]) -> int:
+async def _main(name: str, settings: Settings, make_worker: Callable[[Service], Worker], group_metrics: bool) -> int:
     keys = StreamKeys.from_settings(settings)
-    service = Service(name, settings, keys, Metrics(keys.stream, keys.group), create_client(settings))
+    metrics = Metrics(keys.stream, keys.group, group_level=group_metrics)
+    service = Service(name, settings, keys, metrics, create_client(settings))
     worker = make_worker(service)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

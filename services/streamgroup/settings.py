@@ -8,7 +8,7 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pydantic import Field, FilePath, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     reclaim_interval_ms: PositiveMs = 5000
     consumer_delete_idle_ms: int = Field(600_000, ge=0, le=30 * 86_400_000)
     active_consumer_idle_ms: PositiveMs = 60_000
+    retention_enabled: bool = False
+    retention_min_entries: int = Field(0, ge=0)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -93,12 +95,21 @@ class Settings(BaseSettings):
 
     @property
     def redis_url_redacted(self) -> str:
+        """The URL for logs: the password (in the user part or a `?password=` query argument) as ***."""
         parts = urlsplit(self.redis_url.get_secret_value())
-        if parts.password is None:
-            return parts.geturl()
-        user = parts.username or ""
-        netloc = f"{user}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-        return parts._replace(netloc=netloc).geturl()
+        userinfo, at, hostport = parts.netloc.rpartition("@")
+        netloc = parts.netloc
+        if at:
+            user, colon, _ = userinfo.partition(":")
+            netloc = f"{user}{':***' if colon else ''}@{hostport}"
+        query = urlencode(
+            [
+                (name, "***" if "password" in name.lower() else value)
+                for name, value in parse_qsl(parts.query, keep_blank_values=True)
+            ],
+            safe="*",
+        )
+        return parts._replace(netloc=netloc, query=query).geturl()
 
 
 def _unknown_variables(environ: Mapping[str, str]) -> list[str]:

@@ -73,22 +73,20 @@ async def ack(client: aioredis.Redis, keys: StreamKeys, ids: Sequence[str]) -> i
     return await client.xack(keys.stream, keys.group, *ids)
 
 
-async def delivery_counts(
-    client: aioredis.Redis, keys: StreamKeys, consumer: str, ids: Sequence[str]
-) -> dict[str, int]:
-    """How often each of this consumer's pending ids was delivered (XREADGROUP and XAUTOCLAIM do not say)."""
-    if not ids:
-        return {}
-    ordered = sorted(ids, key=_id_key)
+async def fill_delivery_counts(
+    client: aioredis.Redis, keys: StreamKeys, consumer: str, entries: Sequence[RawEntry]
+) -> None:
+    """Set how often each of this consumer's entries was delivered: XREADGROUP from history and
+    XAUTOCLAIM do not say, XPENDING does."""
+    if not entries:
+        return
+    ordered = sorted((entry.id for entry in entries), key=_id_key)
     rows = await client.xpending_range(
-        keys.stream,
-        keys.group,
-        min=ordered[0],
-        max=ordered[-1],
-        count=len(ordered) * 2 + 10,
-        consumername=consumer,
+        keys.stream, keys.group, min=ordered[0], max=ordered[-1], count=len(ordered) * 2 + 10, consumername=consumer
     )
-    return {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
+    counts = {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
+    for entry in entries:
+        entry.deliveries = counts.get(entry.id, entry.deliveries)
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

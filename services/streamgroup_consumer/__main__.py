@@ -4,25 +4,18 @@ from __future__ import annotations
 
 from streamgroup import service as runtime
 from streamgroup import streams
-from streamgroup.handlers import load_handler
-from streamgroup.processing import HandlerRunner, MessageWorker
+from streamgroup.logs import get_logger
+from streamgroup.processing import MessageWorker
 from streamgroup.service import Service
+
+log = get_logger("streamgroup.consumer")
 
 
 class Consumer:
     def __init__(self, service: Service) -> None:
-        settings = service.settings
         self._service = service
-        self._name = settings.consumer_name
-        self._runner = HandlerRunner(load_handler(settings.handler), settings.concurrency)
-        self._worker = MessageWorker(
-            service.client,
-            service.keys,
-            self._name,
-            self._runner,
-            settings.max_deliveries,
-            service.metrics,
-        )
+        self._name = service.settings.consumer_name
+        self._worker = MessageWorker.for_service(service)
         self._unacked: list[str] = []
 
     async def run(self) -> None:
@@ -44,16 +37,23 @@ class Consumer:
                     start = streams.NEW
                     continue
                 start = entries[-1].id
-                counts = await streams.delivery_counts(client, keys, self._name, [e.id for e in entries])
-                for entry in entries:
-                    entry.deliveries = counts.get(entry.id, entry.deliveries)
+                await streams.fill_delivery_counts(client, keys, self._name, entries)
             if entries:
                 self._unacked = await worker.handle(entries, service.grace_expired)
 
     async def close(self) -> None:
+        """Scale-down hand-off: acknowledge what is done, make what is still held (failed or
+        abandoned entries) claimable at once, and leave the group only when holding nothing."""
+        self._worker.runner.close()
         await self._worker.acknowledge(self._unacked)
         self._unacked = []
-        self._runner.close()
+        released, left = await self._worker.scripts.release_or_leave(
+            self._name, self._service.settings.claim_min_idle_ms
+        )
+        if left:
+            log.info("left the group; held nothing")
+        else:
+            log.info("handed pending entries to the reclaimer; staying in the group until taken", entries=released)
 
 
 def main() -> None:

@@ -1,0 +1,126 @@
+"""The least-privilege ACL rule of each service: the one place docs/security.md and the tests read.
+
+A rule is the list of ACL SETUSER arguments after `reset on >PASSWORD`: the commands the service
+sends and the keys it touches, nothing else. `%W~key` grants writes only, `~key` reads and writes,
+`%R~key` reads only. Commands run inside the Lua scripts (streamgroup.scripts) are checked against
+the same rule by the server, so they are listed too.
+
+    from streamgroup import acl
+    acl.render("consumer")                        # the rule for the default stream, as one line
+    acl.setuser_args("consumer", "sg-consumer", password, stream="orders")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+SERVICES = ("producer", "consumer", "reclaimer", "status")
+
+# Every connection: PING (redis-py's health check on idle connections) and INFO (the server-version
+# gate at connect). AUTH and HELLO need no grant.
+CONNECTION: tuple[str, ...] = ("+ping", "+info")
+
+# redis-py sends CLIENT SETINFO LIB-NAME/LIB-VER on every connect and ignores a refusal, so it is not
+# required; granting it keeps the ACL log free of a denial per connection. Redis 7.0 does not know
+# the subcommand and rejects the grant, so it is left out there (see server_knows_client_setinfo).
+CLIENT_SETINFO = "+client|setinfo"
+
+# What each service sends, and why.
+COMMANDS: Mapping[str, tuple[str, ...]] = {
+    "producer": ("+xadd",),  # one pipelined XADD per tick
+    "consumer": (
+        "+xgroup|create",  # group created at 0 with MKSTREAM on start
+        "+xreadgroup",  # own pending history, then new entries
+        "+xack",  # successes, in the same round trip as the next read
+        "+xpending",  # delivery counts of history entries; inside the lease and hand-off scripts
+        "+xclaim",  # lease renewal (XCLAIM ... JUSTID) and hand-off at shutdown, inside scripts
+        "+xgroup|delconsumer",  # leaving the group at shutdown once holding nothing (script)
+        "+xadd",  # dead-letter stream
+        "+multi",  # dead letter + acknowledgement in one transaction
+        "+exec",
+        "+evalsha",  # the Lua scripts (streamgroup.scripts) ...
+        "+script|load",  # ... loaded once per server when EVALSHA answers NOSCRIPT
+    ),
+    "reclaimer": (
+        "+xgroup|create",
+        "+xautoclaim",  # taking over idle entries
+        "+xpending",  # delivery counts; group metrics; inside the scripts
+        "+xack",
+        "+xclaim",  # lease renewal on reclaimed entries (script)
+        "+xadd",  # dead-letter stream
+        "+multi",
+        "+exec",
+        "+xlen",  # stream and dead-letter lengths (metrics)
+        "+xinfo|groups",  # lag, pending, last delivered id (metrics; safe-retention script)
+        "+xinfo|consumers",  # per-consumer metrics; idle-consumer cleanup script
+        "+xgroup|delconsumer",  # removing idle consumers that hold nothing (script)
+        "+xrevrange",  # safe retention: the newest RETENTION_MIN_ENTRIES entries (script)
+        "+xtrim",  # safe retention: XTRIM MINID below what every group still needs (script)
+        "+evalsha",
+        "+script|load",
+    ),
+    # `streamgroup status`, or any monitoring that only reads.
+    "status": ("+xlen", "+xinfo|groups", "+xinfo|consumers", "+xpending"),
+}
+
+# Key permissions per service: for the stream and for its dead-letter stream.
+KEY_ACCESS: Mapping[str, tuple[str, str | None]] = {
+    "producer": ("%W~", None),  # XADD only writes; never sees the dead-letter stream
+    "consumer": ("~", "%W~"),  # reads and writes the stream; only adds to the dead-letter stream
+    "reclaimer": ("~", "~"),  # adds to the dead-letter stream and measures it (XLEN)
+    "status": ("%R~", "%R~"),
+}
+
+_GLOB = "*?[]\\"
+
+
+def escape_key_pattern(key: str) -> str:
+    """An ACL key pattern matching exactly `key` (ACL patterns are globs)."""
+    return "".join("\\" + char if char in _GLOB else char for char in key)
+
+
+def rule(
+    service: str,
+    stream: str = "messageStream",
+    dead_letter: str | None = None,
+    client_setinfo: bool = True,
+) -> list[str]:
+    """The ACL SETUSER arguments (after `reset on >PASSWORD`) for one service on one stream."""
+    if service not in COMMANDS:
+        raise ValueError(f"unknown service {service!r}; one of {', '.join(SERVICES)}")
+    for key in (stream, dead_letter or ""):
+        if any(char.isspace() for char in key):
+            raise ValueError(f"key {key!r} contains white space, which an ACL rule cannot express")
+    stream_access, dead_access = KEY_ACCESS[service]
+    keys = [stream_access + escape_key_pattern(stream)]
+    if dead_access is not None:
+        keys.append(dead_access + escape_key_pattern(dead_letter or f"{stream}:dead"))
+    commands = [*CONNECTION, *([CLIENT_SETINFO] if client_setinfo else []), *COMMANDS[service]]
+    seen: set[str] = set()
+    commands = [c for c in commands if not (c in seen or seen.add(c))]
+    return ["resetchannels", *keys, "-@all", *commands]
+
+
+def render(service: str, stream: str = "messageStream", dead_letter: str | None = None) -> str:
+    """One line, as in docs/security.md (for Redis 7.0, drop +client|setinfo)."""
+    return " ".join(rule(service, stream, dead_letter))
+
+
+def setuser_args(
+    service: str,
+    user: str,
+    password: str,
+    stream: str = "messageStream",
+    dead_letter: str | None = None,
+    client_setinfo: bool = True,
+) -> list[str]:
+    """The whole command, ready for client.execute_command(*args)."""
+    return ["ACL", "SETUSER", user, "reset", "on", f">{password}", *rule(service, stream, dead_letter, client_setinfo)]
+
+
+def server_knows_client_setinfo(info: Mapping[str, object]) -> bool:
+    """From INFO server: CLIENT SETINFO exists from Redis 7.2 on, and in every Valkey."""
+    if "valkey_version" in info:
+        return True
+    major, minor = (int(part) for part in str(info["redis_version"]).split(".")[:2])
+    return (major, minor) >= (7, 2)

@@ -1,0 +1,130 @@
+"""Lua scripts for the steps that must be atomic: a check and the change it allows, with nothing
+able to happen in between (a consumer reading between "holds nothing" and DELCONSUMER would lose
+what it read)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis.asyncio as aioredis
+
+from streamgroup.keys import StreamKeys
+
+_ID_HELPERS = """
+local function parse_id(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function id_less(a, b)
+  local ams, aseq = parse_id(a)
+  local bms, bseq = parse_id(b)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
+local function fields(flat)
+  local t = {}
+  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
+  return t
+end
+"""
+
+# Reset the idle time of entries this consumer still owns (XCLAIM ... JUSTID does not count as a
+# delivery), so the reclaimer never takes work from a consumer that is alive and busy with it.
+RENEW_LEASE = """
+local renewed = 0
+for i = 3, #ARGV do
+  local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if row[1] and row[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    renewed = renewed + 1
+  end
+end
+return renewed
+"""
+
+# At shutdown: if the consumer holds nothing, it leaves the group; otherwise what it holds is
+# marked idle for ARGV[3] ms so the reclaimer's next pass takes it over, and it stays registered.
+RELEASE_OR_LEAVE = """
+local rows = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 100000, ARGV[2])
+if #rows == 0 then
+  redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+  return {0, 1}
+end
+for first = 1, #rows, 1000 do
+  local args = {KEYS[1], ARGV[1], ARGV[2], 0}
+  for i = first, math.min(first + 999, #rows) do args[#args + 1] = rows[i][1] end
+  for _, word in ipairs({'IDLE', ARGV[3], 'JUSTID'}) do args[#args + 1] = word end
+  redis.call('XCLAIM', unpack(args))
+end
+return {#rows, 0}
+"""
+
+# Remove a consumer that holds nothing and has been idle at least ARGV[3] ms.
+DELETE_IF_IDLE = """
+for _, row in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local c = {}
+  for i = 1, #row, 2 do c[row[i]] = row[i + 1] end
+  if c['name'] == ARGV[2] then
+    if tonumber(c['pending']) == 0 and tonumber(c['idle']) >= tonumber(ARGV[3]) then
+      return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) + 1
+    end
+    return 0
+  end
+end
+return 0
+"""
+
+# Trim below the oldest entry any group still needs: pending in it, or not yet delivered to it.
+# Keeps at least ARGV[1] entries. With no group on the stream nothing says what is done: no trim.
+TRIM_SAFELY = (
+    _ID_HELPERS
+    + """
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+if #groups == 0 then return 0 end
+local floor = nil
+for _, flat in ipairs(groups) do
+  local g = fields(flat)
+  local ms, seq = parse_id(g['last-delivered-id'])
+  local need = ms .. '-' .. (seq + 1)
+  if tonumber(g['pending']) > 0 then
+    local oldest = redis.call('XPENDING', KEYS[1], g['name'])[2]
+    if id_less(oldest, need) then need = oldest end
+  end
+  if floor == nil or id_less(need, floor) then floor = need end
+end
+local keep = tonumber(ARGV[1])
+if keep > 0 then
+  local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', keep)
+  if #newest < keep then return 0 end
+  local boundary = newest[#newest][1]
+  if id_less(boundary, floor) then floor = boundary end
+end
+return redis.call('XTRIM', KEYS[1], 'MINID', floor)
+"""
+)
+
+
+class Scripts:
+    """The scripts registered on one client (EVALSHA, falling back to EVAL once per server)."""
+
+    def __init__(self, client: aioredis.Redis, keys: StreamKeys) -> None:
+        self._keys = keys
+        self._renew = client.register_script(RENEW_LEASE)
+        self._release = client.register_script(RELEASE_OR_LEAVE)
+        self._delete = client.register_script(DELETE_IF_IDLE)
+        self._trim = client.register_script(TRIM_SAFELY)
+
+    async def renew_lease(self, consumer: str, ids: Sequence[str]) -> int:
+        if not ids:
+            return 0
+        return int(await self._renew(keys=[self._keys.stream], args=[self._keys.group, consumer, *ids]))
+
+    async def release_or_leave(self, consumer: str, idle_ms: int) -> tuple[int, bool]:
+        """(entries released for the reclaimer, whether the consumer left the group)."""
+        released, left = await self._release(keys=[self._keys.stream], args=[self._keys.group, consumer, idle_ms])
+        return int(released), bool(left)
+
+    async def delete_if_idle(self, consumer: str, min_idle_ms: int) -> bool:
+        return bool(await self._delete(keys=[self._keys.stream], args=[self._keys.group, consumer, min_idle_ms]))
+
+    async def trim_safely(self, min_entries: int) -> int:
+        return int(await self._trim(keys=[self._keys.stream], args=[min_entries]))
