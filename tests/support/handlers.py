@@ -9,6 +9,7 @@ Behaviour knobs come from TESTHANDLER_* variables (not STREAMGROUP_*, which must
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -65,3 +66,12 @@ def poison_some(message: Message) -> None:
 
 async def record_async(message: Message) -> None:
     record(message)
+
+
+def record_fields(message: Message) -> None:
+    """Keeps the fields exactly as the handler saw them; a field named 'poison' makes it poison."""
+    _called(message)
+    if "poison" in message.fields:
+        raise PoisonMessage("asked to be poison")
+    _client.set(f"fields:{message.id}", json.dumps(message.fields))
+    _succeeded(message)
