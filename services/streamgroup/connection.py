@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, AuthorizationError, ResponseError
@@ -33,7 +34,20 @@ def client_options(settings: Settings) -> dict[str, Any]:
 
 def create_client(settings: Settings, **overrides: Any) -> aioredis.Redis:
     options = client_options(settings) | overrides
-    return aioredis.Redis.from_url(settings.redis_url.get_secret_value(), **options)
+    url = settings.redis_url.get_secret_value()
+    if "password" in options:
+        # redis-py lets the URL's password win over the keyword; the password file must win instead.
+        url = url_without_password(url)
+    return aioredis.Redis.from_url(url, **options)
+
+
+def url_without_password(url: str) -> str:
+    """The URL with no password in its user part or query (the user name stays)."""
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    netloc = f"{userinfo.partition(':')[0]}@{hostport}" if at else parts.netloc
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "password"])
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _version(text: str) -> tuple[int, ...]:
