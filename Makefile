@@ -35,6 +35,7 @@ format: setup  ## format and fix files
 	$(PY) -m ruff check --fix services tests bench
 
 bench: setup system-deps  ## run the benchmark suite and rewrite docs/benchmarks.md
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m bench
 
 clean:  ## remove the virtualenv and caches
