@@ -104,7 +104,7 @@ return redis.call('XTRIM', KEYS[1], 'MINID', floor)
 
 
 class Scripts:
-    """The scripts registered on one client (EVALSHA, falling back to EVAL once per server)."""
+    """The scripts registered on one client (EVALSHA; SCRIPT LOAD first when the server lacks one)."""
 
     def __init__(self, client: aioredis.Redis, keys: StreamKeys) -> None:
         self._keys = keys
