@@ -1,6 +1,6 @@
 """End to end: a real Prometheus (Debian's package) scrapes the real services on loopback and
-evaluates the chart's rendered alert rules. Stopping the consumers makes the lag alert fire;
-starting them again resolves it."""
+evaluates the chart's rendered alert rules. Stopping the consumers makes the lag and no-consumer alerts fire;
+starting them again resolves them."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def valkey() -> Iterator[DevServer]:
 
 
 @pytest.mark.timeout(240)
-def test_stopping_consumers_fires_the_lag_alert_and_restarting_resolves_it(valkey, tmp_path):
+def test_stopping_consumers_fires_the_lag_alerts_and_restarting_resolves_them(valkey, tmp_path):
     services = Services(valkey.url, tmp_path)
     prometheus = None
     try:
@@ -128,10 +128,13 @@ def test_stopping_consumers_fires_the_lag_alert_and_restarting_resolves_it(valke
         # Consumers stop cleanly; the producer keeps writing, so the lag grows.
         for consumer in consumers:
             assert consumer.stop() == 0
-        fired = wait_for(
-            lambda: (a := prometheus.alerts()).get("StreamgroupLagGrowing") == "firing" and a,
-            timeout=60, interval=0.5, what="StreamgroupLagGrowing firing",
-        )  # fmt: skip
+
+        def lag_and_no_consumer_firing() -> dict | None:
+            alerts = prometheus.alerts()
+            wanted = ("StreamgroupLagGrowing", "StreamgroupNoActiveConsumer")
+            return alerts if all(alerts.get(name) == "firing" for name in wanted) else None
+
+        fired = wait_for(lag_and_no_consumer_firing, timeout=60, interval=0.5, what="lag and no-consumer alerts firing")
         assert set(fired) <= {"StreamgroupLagGrowing", "StreamgroupNoActiveConsumer", "StreamgroupPendingHigh"}
         lag = prometheus.value(f'streamgroup_group_lag{{job="{JOB}", component="reclaimer"}}')
         assert lag is not None and lag > 30
