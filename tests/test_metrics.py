@@ -19,15 +19,16 @@ def _quiet_state(r) -> None:
     r.xack(STREAM, GROUP, *ids[:5])
 
 
+def _observing_reclaimer(services):
+    """A reclaimer that refreshes its gauges often and claims nothing during a test."""
+    return services.start(
+        "reclaimer", name="reclaimer", metrics=True, CLAIM_MIN_IDLE_MS=3_600_000, RECLAIM_INTERVAL_MS=100
+    )
+
+
 def test_group_gauges_equal_xinfo_and_xpending(services, r) -> None:
     _quiet_state(r)
-    reclaimer = services.start(
-        "reclaimer",
-        name="reclaimer",
-        metrics=True,
-        CLAIM_MIN_IDLE_MS=3_600_000,
-        RECLAIM_INTERVAL_MS=100,
-    )
+    reclaimer = _observing_reclaimer(services)
     wait_for(
         lambda: reclaimer.metric("streamgroup_group_pending", **LABELS) == 15,
         timeout=15,
@@ -94,13 +95,7 @@ def test_lag_unknown_is_reported_not_hidden(services, r) -> None:
     _quiet_state(r)
     r.xdel(STREAM, r.xrange(STREAM, count=30)[-1][0])  # a deletion beyond last-delivered-id
     r.xgroup_setid(STREAM, GROUP, id=r.xrange(STREAM, count=10)[-1][0])
-    reclaimer = services.start(
-        "reclaimer",
-        name="reclaimer",
-        metrics=True,
-        CLAIM_MIN_IDLE_MS=3_600_000,
-        RECLAIM_INTERVAL_MS=100,
-    )
+    reclaimer = _observing_reclaimer(services)
     assert group_info(r)["lag"] is None
     wait_for(
         lambda: reclaimer.metric("streamgroup_group_lag_known", **LABELS) == 0,
