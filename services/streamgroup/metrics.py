@@ -38,6 +38,15 @@ class BatchHistogram(Collector):
             total += value
         self._sum += total
 
+    def observe_counts(self, pairs: Iterable[tuple[float, int]]) -> None:
+        """Observe each value `count` times (many entries of a batch share a millisecond)."""
+        counts, bounds = self._counts, self._bounds
+        total = 0.0
+        for value, count in pairs:
+            counts[bisect_left(bounds, value)] += count
+            total += value * count
+        self._sum += total
+
     def observe(self, value: float) -> None:
         self.observe_many((value,))
 
