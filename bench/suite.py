@@ -42,7 +42,7 @@ class Sizes:
     faststream_single_messages: int = 20_000  # FastStream one message per call (~1,500/s)
     single_xadd_messages: int = 20_000  # producer with one XADD round trip per message
     runs: int = 3
-    slow_runs: int = 1
+    slow_runs: int = 3
     latency_rate: int = 5_000
     latency_seconds: float = 10.0
     io_seconds: float = 4.0  # each IO-bound run is sized to take about this long
