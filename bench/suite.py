@@ -459,7 +459,7 @@ class Bench:
                 if proc.alive():
                     proc.process.send_signal(signal.SIGTERM)
             for proc in procs.values():
-                code = proc.stop()
+                code = proc.wait(30)
                 if code != 0:
                     raise BenchError(f"{proc.log.name} exited with {code}: {proc.tail()}")
         values = sorted(json.loads(lat_file.read_text()))
@@ -540,7 +540,7 @@ class Bench:
             for proc in procs:  # all at once: each notices within BLOCK_MS
                 if proc.alive():
                     proc.process.send_signal(signal.SIGTERM)
-            codes = [proc.stop() for proc in procs]
+            codes = [proc.wait(30) for proc in procs]
         if any(codes):
             raise BenchError(f"IO consumers exited with {codes}")
         self.verify_group(stream, group, count)

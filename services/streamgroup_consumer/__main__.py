@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-
 from streamgroup import service as runtime
 from streamgroup import streams
 from streamgroup.logs import get_logger
@@ -19,11 +17,6 @@ class Consumer:
         self._name = service.settings.consumer_name
         self._worker = MessageWorker.for_service(service)
         self._unacked: list[str] = []
-        # Each batch makes thousands of short-lived objects that reference counting frees; keep the
-        # cyclic collector from re-scanning everything loaded at start-up that often (it cost a
-        # quarter of the CPU at full speed, see docs/benchmarks.md).
-        gc.freeze()
-        gc.set_threshold(10_000, 10, 10)
 
     async def run(self) -> None:
         service, keys, settings = self._service, self._service.keys, self._service.settings

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
 
 from redis.exceptions import ResponseError
@@ -29,11 +28,6 @@ class Producer:
         self._limit = settings.max_messages
         self._next_serial = 1  # every producer is at the same serial after each whole tick
         self._sent = 0
-        # Each tick makes thousands of short-lived objects that reference counting frees; keep the
-        # cyclic collector from re-scanning everything loaded at start-up that often (it cost a
-        # quarter of the CPU at full speed, see docs/benchmarks.md).
-        gc.freeze()
-        gc.set_threshold(10_000, 10, 10)
 
     def _batch(self) -> list[tuple[int, int]]:
         count = self._producers
