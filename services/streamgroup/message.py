@@ -20,11 +20,16 @@ class Message:
 
 @dataclass(slots=True)
 class RawEntry:
-    """An entry as Redis returned it: bytes, or None for an entry deleted while it was pending."""
+    """An entry as Redis returned it: a flat [field, value, ...] list of bytes, or None for an
+    entry deleted while it was pending."""
 
     id: str
-    fields: dict[bytes, bytes] | None
+    fields: list[bytes] | None
     deliveries: int = 1
+
+    def field_dict(self) -> dict[bytes, bytes]:
+        flat = self.fields or []
+        return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def entry_timestamp(entry_id: str) -> float:
@@ -35,8 +40,9 @@ def decode(stream: str, entry: RawEntry) -> Message | None:
     """The entry as a Message, or None when it cannot be one (deleted, or fields not UTF-8)."""
     if entry.fields is None:
         return None
+    pairs = iter(entry.fields)
     try:
-        fields = {key.decode(): value.decode() for key, value in entry.fields.items()}
+        fields = {key.decode(): value.decode() for key, value in zip(pairs, pairs)}  # noqa: B905 - Redis sends pairs
     except UnicodeDecodeError:
         return None
     return Message(entry.id, fields, stream, entry.deliveries)

@@ -11,6 +11,8 @@ from streamgroup.errors import RedisRefusedError
 from streamgroup.keys import StreamKeys
 from streamgroup.message import RawEntry
 
+# XREADGROUP and XAUTOCLAIM replies are left as Redis sent them (see connection.RAW_REPLIES):
+# redis-py would build a dict of bytes per entry only for us to build one of text from it.
 HISTORY = "0"  # XREADGROUP from 0: this consumer's own pending entries
 NEW = ">"  # XREADGROUP from >: entries never delivered to the group
 
@@ -37,10 +39,13 @@ async def ensure_group(client: aioredis.Redis, keys: StreamKeys) -> bool:
     return True
 
 
-def _entries(reply: list, deliveries: int = 1) -> list[RawEntry]:
+def _entries(reply: dict | list | None) -> list[RawEntry]:
+    """Entries of a raw XREADGROUP reply for one stream: {stream: [[id, [f, v, ...]], ...]} in
+    RESP3 (redis-py's default), [[stream, [...]]] in RESP2."""
     if not reply:
         return []
-    return [RawEntry(_text(entry_id), fields, deliveries) for entry_id, fields in reply[0][1]]
+    entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+    return [RawEntry(entry_id.decode(), fields) for entry_id, fields in entries]
 
 
 async def read_group(
@@ -105,7 +110,7 @@ async def autoclaim(
     """Take over entries idle for min_idle_ms from any consumer. Returns (next cursor, entries, deleted ids)."""
     reply = await client.xautoclaim(keys.stream, keys.group, consumer, min_idle_ms, start_id=cursor, count=count)
     next_cursor, claimed, deleted = reply[0], reply[1], reply[2] if len(reply) > 2 else []
-    entries = [RawEntry(_text(entry_id), fields) for entry_id, fields in claimed]
+    entries = [RawEntry(entry_id.decode(), fields) for entry_id, fields in claimed]
     return _text(next_cursor), entries, [_text(entry_id) for entry_id in deleted]
 
 
@@ -125,7 +130,7 @@ async def dead_letter(
     moved = 0
     async with client.pipeline(transaction=True) as pipe:
         for entry, consumer, reason in entries:
-            fields: dict[bytes | str, bytes | str] = dict(entry.fields or {})
+            fields: dict[bytes | str, bytes | str] = dict(entry.field_dict())
             p = DEAD_LETTER_FIELDS_PREFIX
             fields.update(
                 {
