@@ -27,7 +27,11 @@ CLIENT_SETINFO = "+client|setinfo"
 
 # What each service sends, and why.
 COMMANDS: Mapping[str, tuple[str, ...]] = {
-    "producer": ("+xadd",),  # one pipelined XADD per tick
+    "producer": (
+        "+xadd",  # inside the batch script (streamgroup.scripts.ADD_BATCH)
+        "+evalsha",  # one script call per 1,000 messages ...
+        "+script|load",  # ... loaded once per server when EVALSHA answers NOSCRIPT
+    ),
     "consumer": (
         "+xgroup|create",  # group created at 0 with MKSTREAM on start
         "+xreadgroup",  # own pending history, then new entries
@@ -65,7 +69,7 @@ COMMANDS: Mapping[str, tuple[str, ...]] = {
 
 # Key permissions per service: for the stream and for its dead-letter stream.
 KEY_ACCESS: Mapping[str, tuple[str, str | None]] = {
-    "producer": ("%W~", None),  # XADD only writes; never sees the dead-letter stream
+    "producer": ("~", None),  # EVALSHA's declared keys need read and write; never sees the dead-letter stream
     "consumer": ("~", "%W~"),  # reads and writes the stream; only adds to the dead-letter stream
     "reclaimer": ("~", "~"),  # adds to the dead-letter stream and measures it (XLEN)
     "status": ("%R~", "%R~"),

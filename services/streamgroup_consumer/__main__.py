@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from streamgroup import service as runtime
 from streamgroup import streams
 from streamgroup.logs import get_logger
@@ -26,11 +28,14 @@ class Consumer:
         start = streams.HISTORY
         while not service.stopping.is_set():
             reading_history = start != streams.NEW
+            # The acknowledgements travel ahead of a read that may block for BLOCK_MS: they take
+            # effect now, so that is when their latency ends.
+            acks_sent_at = time.time()
             entries = await streams.read_group(
                 client, keys, self._name, start, settings.batch_size,
                 None if reading_history else settings.block_ms, self._unacked,
             )  # fmt: skip
-            worker.record_acked(self._unacked)
+            worker.record_acked(self._unacked, acks_sent_at)
             self._unacked = []
             if reading_history:
                 if not entries:
