@@ -6,9 +6,9 @@ import functools
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import hiredis
 import redis.asyncio as aioredis
-from redis.connection import HiredisRespSerializer
-from redis.exceptions import AuthenticationError, AuthorizationError, ResponseError
+from redis.exceptions import AuthenticationError, AuthorizationError, DataError, ResponseError
 
 from streamgroup.errors import RedisRefusedError
 from streamgroup.settings import Settings, read_password_file
@@ -58,12 +58,18 @@ def _as_sent(response: Any, **_options: Any) -> Any:
 class _HiredisPacking:
     """redis.asyncio packs every command in Python; packing an XACK of 1,000 ids or a pipeline of
     500 XADDs that way cost the consumer and producer a sixth of their CPU. hiredis (a dependency)
-    packs in C, the way redis-py's synchronous client does when hiredis is installed."""
-
-    _serializer = HiredisRespSerializer()
+    packs in C, as redis-py's synchronous client does when hiredis is installed."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        return self._serializer.pack(*args)
+        command = args[0]
+        if isinstance(command, str):  # "XGROUP CREATE": subcommands go as separate arguments
+            args = (*command.encode().split(), *args[1:])
+        elif b" " in command:
+            args = (*command.split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:
+            raise DataError(str(exc)) from exc
 
 
 @functools.cache
