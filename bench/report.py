@@ -8,10 +8,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from bench.suite import Report
-
-SG_CONSUMER = "streamgroup consumer"
-SG_PRODUCER = "streamgroup producer (500 producers, pipelined)"
+from bench.suite import SG_CONSUMER, SG_PRODUCER, Report
 
 
 @dataclass

@@ -31,6 +31,9 @@ from streamgroup.devserver import DevServer, free_port
 ROOT = Path(__file__).resolve().parent.parent
 POLL = 0.002
 MODULES = {"producer": "streamgroup_producer", "consumer": "streamgroup_consumer", "reclaimer": "streamgroup_reclaimer"}
+# Result labels the report looks up to compute the target ratios.
+SG_CONSUMER = "streamgroup consumer"
+SG_PRODUCER = "streamgroup producer (500 producers, one script call per tick)"
 
 
 @dataclass
@@ -314,7 +317,7 @@ class Bench:
             "streamgroup": f"HANDLER=streamgroup.handlers:noop BATCH_SIZE={s.consumer_batch} CONCURRENCY=1",
         }
         approaches: list[tuple[str, str, int, int]] = [
-            ("streamgroup consumer", "streamgroup", s.messages, s.runs),
+            (SG_CONSUMER, "streamgroup", s.messages, s.runs),
             ("hand-tuned redis-py (count=1000, XACK per batch)", "handtuned", s.messages, s.runs),
             ("original design (count=10, XACK per message)", "original", min(s.slow_messages, s.messages), s.slow_runs),
             ("FastStream 0.7, one message per call", "faststream", s.faststream_single_messages, s.slow_runs),
@@ -352,11 +355,15 @@ class Bench:
                 Result("consumer", label, self.median(rates), "msg/s", rates, count, True, f"{runs} run(s)")
             )
             if kind == "streamgroup":
-                rss_max, hwm = max(p[0] for p in peaks), max(p[1] for p in peaks)
-                self.report.add(
-                    Result("memory", "consumer, no-op throughput run", hwm, "MiB", [rss_max, hwm], count, True,
-                           f"VmHWM; largest sampled VmRSS {rss_max:.1f} MiB")
-                )  # fmt: skip
+                self.add_memory("consumer, no-op throughput run", peaks, count)
+
+    def add_memory(self, label: str, peaks: list[tuple[float, float]], count: int) -> None:
+        """Report the peak resident memory of a service over its runs: (sampled VmRSS, VmHWM) pairs."""
+        rss_max, hwm = max(p[0] for p in peaks), max(p[1] for p in peaks)
+        self.report.add(
+            Result("memory", label, hwm, "MiB", [rss_max, hwm], count, True,
+                   f"VmHWM; largest sampled VmRSS {rss_max:.1f} MiB")
+        )  # fmt: skip
 
     # -- 2. producer throughput
 
@@ -367,13 +374,13 @@ class Bench:
             "streamgroup": "PRODUCERS=500 PRODUCER_INTERVAL_MS=0 MAX_MESSAGES=N",
         }
         approaches = [
-            ("streamgroup producer (500 producers, pipelined)", "streamgroup", s.messages, s.runs),
+            (SG_PRODUCER, "streamgroup", s.messages, s.runs),
             ("hand-tuned redis-py, pipelined batches of 500", "produce-pipelined", s.messages, s.runs),
             ("one XADD round trip per message", "produce-single", s.single_xadd_messages, s.runs),
             ("redis-benchmark XADD, -P 50 (50 clients)", "redis-benchmark", s.messages, s.runs),
         ]
         for label, kind, count, runs in approaches:
-            rates, peaks, verified = [], [], True
+            rates, peaks = [], []
             for _ in range(runs):
                 stream = self.name("bench:produce")
                 name = self.name("p")
@@ -399,14 +406,9 @@ class Bench:
                 self.r.delete(stream)
                 rates.append(count / elapsed)
                 peaks.append(rss)
-            self.report.add(Result("producer", label, self.median(rates), "msg/s", rates, count, verified))
+            self.report.add(Result("producer", label, self.median(rates), "msg/s", rates, count, True))
             if kind == "streamgroup":
-                hwm = max(p[1] for p in peaks)
-                rss_max = max(p[0] for p in peaks)
-                self.report.add(
-                    Result("memory", "producer, throughput run", hwm, "MiB", [rss_max, hwm], count, True,
-                           f"VmHWM; largest sampled VmRSS {rss_max:.1f} MiB")
-                )  # fmt: skip
+                self.add_memory("producer, throughput run", peaks, count)
 
     # -- 3. end-to-end latency (and memory of all three services together)
 

@@ -52,7 +52,15 @@ async def _summary(env: dict[str, str]) -> str:
     )
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    # Ctrl-C, and a plain `kill` too, stop the stack in order; a shell that started us in the
+    # background may have left SIGINT ignored, so set both explicitly.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     env = {**DEMO_DEFAULTS, **os.environ}
     server = None
     if "STREAMGROUP_REDIS_URL" not in os.environ:
