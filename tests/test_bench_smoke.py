@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.suite import SG_CONSUMER, SG_PRODUCER
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -32,16 +34,16 @@ def test_bench_quick_runs_every_section_and_writes_the_report(tmp_path: Path) ->
 
     consumers = [r for (section, _), r in results.items() if section == "consumer"]
     assert [r["name"] for r in consumers] == [
-        "streamgroup consumer",
+        SG_CONSUMER,
         "hand-tuned redis-py (count=1000, XACK per batch)",
         "original design (count=10, XACK per message)",
         "FastStream 0.7, one message per call",
         "FastStream 0.7, batch=True",
     ]
-    assert results["consumer", "streamgroup consumer"]["messages"] == 2_000
+    assert results["consumer", SG_CONSUMER]["messages"] == 2_000
     producers = [r for (section, _), r in results.items() if section == "producer"]
     assert len(producers) == 4
-    assert results["producer", "streamgroup producer (500 producers, pipelined)"]["messages"] == 2_000
+    assert results["producer", SG_PRODUCER]["messages"] == 2_000
     # One second at 5,000 msg/s: every message's latency was recorded by the handler.
     assert results["latency", "p99"]["messages"] == 5_000
     assert (
