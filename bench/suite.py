@@ -246,35 +246,44 @@ class Bench:
     ) -> float:
         """Seconds from the last poll with nothing read (beyond `base`) to the first with all `total`
         read and nothing pending."""
-        started = time.perf_counter()
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def sample() -> tuple[bool, bool, str]:
             info = self.group_info(stream, group)
             read, pending = info["entries-read"] or 0, info["pending"]
-            now = time.perf_counter()
-            if read <= base and pending == 0:
-                started = now
-            elif read >= total and pending == 0:
-                return now - started
-            if time.monotonic() > deadline:
-                raise BenchError(f"{group}: {read}/{total} read, {pending} pending after {timeout}s")
-            for proc in procs:
-                if not proc.alive() and proc.process.returncode != 0:
-                    raise BenchError(f"{proc.log.name} failed: {proc.tail()}")
-            time.sleep(POLL)
+            return (
+                read <= base and pending == 0,
+                read >= total and pending == 0,
+                f"{read}/{total} read, {pending} pending",
+            )
+
+        return self.time_until_done(sample, procs, timeout, group)
 
     def time_stream(self, stream: str, total: int, procs: list[Proc], timeout: float) -> float:
+        """Seconds from the last poll with an empty stream to the first with `total` entries."""
+
+        def sample() -> tuple[bool, bool, str]:
+            length = self.r.xlen(stream)
+            return length == 0, length >= total, f"{length}/{total} added"
+
+        return self.time_until_done(sample, procs, timeout, stream)
+
+    @staticmethod
+    def time_until_done(
+        sample: Callable[[], tuple[bool, bool, str]], procs: list[Proc], timeout: float, what: str
+    ) -> float:
+        """Poll `sample` (-> not started yet, done, progress) every POLL seconds; the clock runs from
+        the last poll that saw nothing started to the first that saw everything done."""
         started = time.perf_counter()
         deadline = time.monotonic() + timeout
         while True:
-            length = self.r.xlen(stream)
+            idle, done, progress = sample()
             now = time.perf_counter()
-            if length == 0:
+            if idle:
                 started = now
-            elif length >= total:
+            elif done:
                 return now - started
             if time.monotonic() > deadline:
-                raise BenchError(f"{stream}: {length}/{total} added after {timeout}s")
+                raise BenchError(f"{what}: {progress} after {timeout}s")
             for proc in procs:
                 if not proc.alive() and proc.process.returncode != 0:
                     raise BenchError(f"{proc.log.name} failed: {proc.tail()}")
