@@ -56,3 +56,15 @@ def test_status_reports_unreachable_redis_in_one_line() -> None:
     assert result.returncode == 4
     assert result.stderr.startswith("streamgroup: cannot reach redis")
     assert "Traceback" not in result.stderr
+
+
+def test_status_of_another_stream_counts_its_own_dead_letters(redis_url, r) -> None:
+    r.xadd("orders", {"n": "1"})
+    r.xgroup_create("orders", GROUP, id="0")
+    r.xadd("orders:dead", {"n": "0"})
+    r.xadd(f"{STREAM}:dead", {"n": "0"})
+    r.xadd(f"{STREAM}:dead", {"n": "0"})
+    result = _status(redis_url, "--stream", "orders", "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert (status["stream"], status["stream_length"], status["dead_letter_length"]) == ("orders", 1, 1)

@@ -41,12 +41,9 @@ def _format_table(stats: groupstats.GroupStats) -> str:
 
 async def _status(args: argparse.Namespace) -> int:
     settings = load_settings()
-    keys = StreamKeys.from_settings(settings)
-    keys = StreamKeys(
-        args.stream or keys.stream,
-        args.group or keys.group,
-        keys.dead_letter if not args.stream else f"{args.stream}:dead",
-    )
+    overrides = {name: value for name, value in (("stream", args.stream), ("group", args.group)) if value}
+    # Through the settings, so the dead-letter stream follows --stream by the services' own rule.
+    keys = StreamKeys.from_settings(settings.model_copy(update=overrides))
     client = create_client(settings)
     try:
         await check_server(client)

@@ -34,8 +34,8 @@ def client_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def create_client(settings: Settings, **overrides: Any) -> aioredis.Redis:
-    options = client_options(settings) | overrides
+def create_client(settings: Settings) -> aioredis.Redis:
+    options = client_options(settings)
     url = settings.redis_url.get_secret_value()
     if "password" in options:
         # redis-py lets the URL's password win over the keyword; the password file must win instead.

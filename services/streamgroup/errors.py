@@ -24,7 +24,3 @@ class RedisRefusedError(Exception):
 
 class PoisonMessage(Exception):
     """Raised by a handler to send its message to the dead-letter stream at once, without retries."""
-
-
-class MalformedMessage(PoisonMessage):
-    """The entry cannot be turned into a Message (fields not UTF-8, or the entry was deleted)."""

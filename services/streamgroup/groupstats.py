@@ -48,7 +48,7 @@ def _text(value: object) -> str | None:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def collect(client: aioredis.Redis, keys: StreamKeys, now: float | None = None) -> GroupStats:
+async def collect(client: aioredis.Redis, keys: StreamKeys) -> GroupStats:
     async with client.pipeline(transaction=False) as pipe:
         pipe.xlen(keys.stream)
         pipe.xlen(keys.dead_letter)
@@ -79,7 +79,7 @@ async def collect(client: aioredis.Redis, keys: StreamKeys, now: float | None = 
         pipe.xinfo_consumers(keys.stream, keys.group)
         pipe.xpending(keys.stream, keys.group)
         consumers, summary = await pipe.execute()
-    now = time.time() if now is None else now
+    now = time.time()
     oldest = _text(summary.get("min")) if summary.get("pending") else None
     return GroupStats(
         stream=keys.stream,

@@ -47,9 +47,6 @@ class BatchHistogram(Collector):
             total += value * count
         self._sum += total
 
-    def observe(self, value: float) -> None:
-        self.observe_many((value,))
-
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self._name, self._doc, labels=list(self._labels))
         cumulative, buckets = 0, []
@@ -58,10 +55,6 @@ class BatchHistogram(Collector):
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
         family.add_metric(list(self._labels.values()), buckets, self._sum)
         yield family
-
-    @property
-    def count(self) -> int:
-        return sum(self._counts)
 
 
 class Metrics:
