@@ -133,3 +133,12 @@ def test_server_version_gate(info: dict, accepted: bool) -> None:
 
 def test_real_servers_pass_the_gate(r) -> None:
     assert judge_server(r.info("server"))[2] is None
+
+
+def test_dead_letter_key_of_the_wrong_type_is_a_clear_error(services, r) -> None:
+    r.set(f"{STREAM}:dead", "not a stream")
+    redis.Redis.from_url(services.redis_url).xadd(STREAM, {b"payload": b"\xff"})
+    consumer = services.start("consumer", name="dead-end")
+    assert consumer.wait(15) == EXIT_REDIS_REFUSED, consumer.output
+    assert f"'{STREAM}:dead' exists and is not a stream" in consumer.output
+    assert group_info(r)["pending"] == 1, "the entry is neither dead-lettered nor acknowledged: still pending"

@@ -425,7 +425,7 @@ def test_acl_rule_grants_nothing_more(secured: Guarded, service: str) -> None:
 
 def test_rules_escape_glob_characters_in_key_names() -> None:
     rule = acl.rule("consumer", stream="jobs[eu]*", client_setinfo=False)
-    assert "~jobs\\[eu\\]\\*" in rule and "%W~jobs\\[eu\\]\\*:dead" in rule
+    assert "~jobs\\[eu\\]\\*" in rule and "~jobs\\[eu\\]\\*:dead" in rule
     assert "+client|setinfo" not in rule
     with pytest.raises(ValueError):
         acl.rule("consumer", stream="two words")

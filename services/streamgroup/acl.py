@@ -39,9 +39,7 @@ COMMANDS: Mapping[str, tuple[str, ...]] = {
         "+xpending",  # delivery counts of history entries; inside the lease and hand-off scripts
         "+xclaim",  # lease renewal (XCLAIM ... JUSTID) and hand-off at shutdown, inside scripts
         "+xgroup|delconsumer",  # leaving the group at shutdown once holding nothing (script)
-        "+xadd",  # dead-letter stream
-        "+multi",  # dead letter + acknowledgement in one transaction
-        "+exec",
+        "+xadd",  # dead-letter stream, inside the dead-letter script (XADD, then XACK)
         "+evalsha",  # the Lua scripts (streamgroup.scripts) ...
         "+script|load",  # ... loaded once per server when EVALSHA answers NOSCRIPT
     ),
@@ -52,8 +50,6 @@ COMMANDS: Mapping[str, tuple[str, ...]] = {
         "+xack",
         "+xclaim",  # lease renewal on reclaimed entries (script)
         "+xadd",  # dead-letter stream
-        "+multi",
-        "+exec",
         "+xlen",  # stream and dead-letter lengths (metrics)
         "+xinfo|groups",  # lag, pending, last delivered id (metrics; safe-retention script)
         "+xinfo|consumers",  # per-consumer metrics; idle-consumer cleanup script
@@ -70,7 +66,7 @@ COMMANDS: Mapping[str, tuple[str, ...]] = {
 # Key permissions per service: for the stream and for its dead-letter stream.
 KEY_ACCESS: Mapping[str, tuple[str, str | None]] = {
     "producer": ("~", None),  # EVALSHA's declared keys need read and write; never sees the dead-letter stream
-    "consumer": ("~", "%W~"),  # reads and writes the stream; only adds to the dead-letter stream
+    "consumer": ("~", "~"),  # the dead-letter script declares both keys; EVALSHA needs read and write on them
     "reclaimer": ("~", "~"),  # adds to the dead-letter stream and measures it (XLEN)
     "status": ("%R~", "%R~"),
 }

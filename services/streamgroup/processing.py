@@ -225,10 +225,11 @@ class MessageWorker:
         return rejected
 
     async def _dead_letter(self, rejected: list[tuple[RawEntry, str]]) -> None:
-        moved = await streams.dead_letter(
-            self._client,
-            self._keys,
-            [(entry, self._consumer, reason) for entry, reason in rejected],
+        moved = await self.scripts.dead_letter(
+            [
+                (entry.id, streams.dead_letter_fields(entry, self._keys, self._consumer, reason))
+                for entry, reason in rejected
+            ]
         )
         self._metrics.dead_lettered.inc(moved)
         self._metrics.processed["dead_lettered"].inc(moved)

@@ -122,6 +122,25 @@ return added
 """
 
 
+# Move entries to the dead-letter stream, each XADD followed by its XACK. A script stops at the
+# first error, so an entry whose XADD fails is never acknowledged; MULTI/EXEC would run the XACK
+# anyway and lose it. ARGV = group, then per entry: its id, the length n of its flat field list,
+# and the n field/value items.
+DEAD_LETTER = """
+local moved, i = 0, 2
+while i <= #ARGV do
+  local n = tonumber(ARGV[i + 1])
+  local args = {KEYS[2], '*'}
+  for j = i + 2, i + 1 + n do args[#args + 1] = ARGV[j] end
+  redis.call('XADD', unpack(args))
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  moved = moved + 1
+  i = i + 2 + n
+end
+return moved
+"""
+
+
 class Scripts:
     """The scripts registered on one client (EVALSHA; SCRIPT LOAD first when the server lacks one)."""
 
@@ -132,6 +151,7 @@ class Scripts:
         self._delete = client.register_script(DELETE_IF_IDLE)
         self._trim = client.register_script(TRIM_SAFELY)
         self._add = client.register_script(ADD_BATCH)
+        self._dead_letter = client.register_script(DEAD_LETTER)
 
     async def renew_lease(self, consumer: str, ids: Sequence[str]) -> int:
         if not ids:
@@ -153,3 +173,10 @@ class Scripts:
         """XADD one entry per row (its values for `names`) in a single command."""
         values = [value for row in rows for value in row]
         return int(await self._add(keys=[self._keys.stream], args=[len(names), *names, *values]))
+
+    async def dead_letter(self, entries: Sequence[tuple[str, Sequence[bytes | str]]]) -> int:
+        """Move (entry id, flat dead-letter fields) pairs to the dead-letter stream, acknowledging each."""
+        args: list[bytes | str | int] = [self._keys.group]
+        for entry_id, fields in entries:
+            args += [entry_id, len(fields), *fields]
+        return int(await self._dead_letter(keys=[self._keys.stream, self._keys.dead_letter], args=args))

@@ -177,6 +177,11 @@ async def _serve(service: Service, worker: Worker) -> int:
         except RedisRefusedError as exc:
             return _refused(exc)
         except TRANSIENT_ERRORS + (ResponseError,) as exc:
+            if isinstance(exc, ResponseError) and "WRONGTYPE" in str(exc):
+                keys = service.keys
+                return _refused(
+                    RedisRefusedError(f"key {keys.stream!r} or {keys.dead_letter!r} exists and is not a stream: {exc}")
+                )
             if isinstance(exc, ResponseError) and not str(exc).startswith(TRANSIENT_REPLIES):
                 log.exception("unexpected reply from redis")
                 return EXIT_UNEXPECTED

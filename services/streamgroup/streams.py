@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -117,34 +117,19 @@ async def autoclaim(
 DEAD_LETTER_FIELDS_PREFIX = "x-streamgroup-"
 
 
-async def dead_letter(
-    client: aioredis.Redis,
-    keys: StreamKeys,
-    entries: Iterable[tuple[RawEntry, str, str]],
-) -> int:
-    """Move entries to the dead-letter stream and acknowledge them in one MULTI/EXEC.
-
-    Each item is (entry, consumer that held it, reason). The entry keeps its original fields (as
-    bytes, even when they are not text) plus metadata under the x-streamgroup- prefix.
-    """
-    moved = 0
-    async with client.pipeline(transaction=True) as pipe:
-        for entry, consumer, reason in entries:
-            fields: dict[bytes | str, bytes | str] = dict(entry.field_dict())
-            p = DEAD_LETTER_FIELDS_PREFIX
-            fields.update(
-                {
-                    f"{p}original-id": entry.id,
-                    f"{p}stream": keys.stream,
-                    f"{p}group": keys.group,
-                    f"{p}consumer": consumer,
-                    f"{p}deliveries": str(entry.deliveries),
-                    f"{p}error": reason[:4096],
-                }
-            )
-            pipe.xadd(keys.dead_letter, fields)
-            pipe.xack(keys.stream, keys.group, entry.id)
-            moved += 1
-        if moved:
-            await pipe.execute()
-    return moved
+def dead_letter_fields(entry: RawEntry, keys: StreamKeys, consumer: str, reason: str) -> list[bytes | str]:
+    """The entry's original fields (bytes, even when they are not text) plus metadata under the
+    x-streamgroup- prefix, as a flat field/value list."""
+    p = DEAD_LETTER_FIELDS_PREFIX
+    fields: dict[bytes | str, bytes | str] = dict(entry.field_dict())
+    fields.update(
+        {
+            f"{p}original-id": entry.id,
+            f"{p}stream": keys.stream,
+            f"{p}group": keys.group,
+            f"{p}consumer": consumer,
+            f"{p}deliveries": str(entry.deliveries),
+            f"{p}error": reason[:4096],
+        }
+    )
+    return [part for pair in fields.items() for part in pair]
