@@ -133,7 +133,7 @@ class MessageWorker:
         self.scripts = Scripts(client, keys)
         self._max_deliveries = settings.max_deliveries
         # Renewed three times per claim window: two renewals may be late before the reclaimer may act.
-        self._lease_seconds = settings.claim_min_idle_ms / 1000.0 / 3
+        self.lease_seconds = settings.claim_min_idle_ms / 1000.0 / 3
         self._metrics = metrics
 
     @classmethod
@@ -195,7 +195,7 @@ class MessageWorker:
         """Keep the batch's entries from looking idle while the handler works on them; failed ones
         are let go so the reclaimer can retry them."""
         while True:
-            await asyncio.sleep(self._lease_seconds)
+            await asyncio.sleep(self.lease_seconds)
             failed = {message.id for message, _ in results.failed}
             held = [message.id for message in messages if message.id not in failed]
             try:

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     batch_size: int = Field(100, gt=0, le=10_000)
     block_ms: PositiveMs = 2000
     concurrency: int = Field(1, gt=0, le=1024)
+    read_ahead: bool = True
     shutdown_grace_seconds: float = Field(20.0, gt=0, le=3600)
     max_deliveries: int = Field(5, ge=1, le=1_000_000)
 

@@ -11,8 +11,9 @@ from streamgroup.errors import RedisRefusedError
 from streamgroup.keys import StreamKeys
 from streamgroup.message import RawEntry
 
-# XREADGROUP and XAUTOCLAIM replies are left as Redis sent them (see connection.RAW_REPLIES):
-# redis-py would build a dict of bytes per entry only for us to build one of text from it.
+# XAUTOCLAIM replies are left as Redis sent them (see connection.RAW_REPLIES), and XREADGROUP
+# goes round redis-py (see streamgroup.reading): redis-py would build a dict of bytes per entry
+# only for us to build one of text from it.
 HISTORY = "0"  # XREADGROUP from 0: this consumer's own pending entries
 NEW = ">"  # XREADGROUP from >: entries never delivered to the group
 
@@ -39,37 +40,13 @@ async def ensure_group(client: aioredis.Redis, keys: StreamKeys) -> bool:
     return True
 
 
-def _entries(reply: dict | list | None) -> list[RawEntry]:
+def entries_of(reply: dict | list | None) -> list[RawEntry]:
     """Entries of a raw XREADGROUP reply for one stream: {stream: [[id, [f, v, ...]], ...]} in
-    RESP3 (redis-py's default), [[stream, [...]]] in RESP2."""
+    RESP3, [[stream, [...]]] in RESP2."""
     if not reply:
         return []
     entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
     return [RawEntry(entry_id.decode(), fields) for entry_id, fields in entries]
-
-
-async def read_group(
-    client: aioredis.Redis,
-    keys: StreamKeys,
-    consumer: str,
-    start: str,
-    count: int,
-    block_ms: int | None,
-    ack_ids: Sequence[str] = (),
-) -> list[RawEntry]:
-    """Acknowledge ack_ids and read the next entries, in one round trip."""
-    try:
-        if not ack_ids:
-            reply = await client.xreadgroup(keys.group, consumer, {keys.stream: start}, count=count, block=block_ms)
-            return _entries(reply)
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.xack(keys.stream, keys.group, *ack_ids)
-            pipe.xreadgroup(keys.group, consumer, {keys.stream: start}, count=count, block=block_ms)
-            _, reply = await pipe.execute()
-        return _entries(reply)
-    except ResponseError as exc:
-        raise_if_wrong_type(exc, keys.stream)
-        raise
 
 
 async def ack(client: aioredis.Redis, keys: StreamKeys, ids: Sequence[str]) -> int:

@@ -7,51 +7,77 @@ import time
 from streamgroup import service as runtime
 from streamgroup import streams
 from streamgroup.logs import get_logger
+from streamgroup.message import RawEntry
 from streamgroup.processing import MessageWorker
+from streamgroup.reading import GroupReader
 from streamgroup.service import Service
 
 log = get_logger("streamgroup.consumer")
+
+# Reading ahead holds a second batch that no lease covers yet and that other consumers cannot
+# get: only worth it, and only harmless, while batches are handled quickly.
+READ_AHEAD_MAX_BATCH_SECONDS = 1.0
 
 
 class Consumer:
     def __init__(self, service: Service) -> None:
         self._service = service
-        self._name = service.settings.consumer_name
+        settings = service.settings
+        self._name = settings.consumer_name
         self._worker = MessageWorker.for_service(service)
-        self._unacked: list[str] = []
+        self._reader = GroupReader(
+            service.client, service.keys, self._name, settings.batch_size, self._worker.record_acked
+        )
+        self._read_ahead = settings.read_ahead
+        self._quick_batch_seconds = min(READ_AHEAD_MAX_BATCH_SECONDS, self._worker.lease_seconds / 2)
+        self._last_batch_seconds = float("inf")
 
     async def run(self) -> None:
-        service, keys, settings = self._service, self._service.keys, self._service.settings
-        client, worker = service.client, self._worker
-        await streams.ensure_group(client, keys)
+        service, settings, reader = self._service, self._service.settings, self._reader
+        await streams.ensure_group(service.client, service.keys)
         # After a (re)start, finish what this consumer already holds: it may have died mid-batch.
         start = streams.HISTORY
-        while not service.stopping.is_set():
-            reading_history = start != streams.NEW
-            # The acknowledgements travel ahead of a read that may block for BLOCK_MS: they take
-            # effect now, so that is when their latency ends.
-            acks_sent_at = time.time()
-            entries = await streams.read_group(
-                client, keys, self._name, start, settings.batch_size,
-                None if reading_history else settings.block_ms, self._unacked,
-            )  # fmt: skip
-            worker.record_acked(self._unacked, acks_sent_at)
-            self._unacked = []
-            if reading_history:
+        while True:
+            if reader.awaiting_reply:  # read ahead while the last batch was handled
+                entries = await reader.receive()
+            elif service.stopping.is_set():
+                return
+            elif start != streams.NEW:
+                entries = await self._read_history(start)
                 if not entries:
                     start = streams.NEW
                     continue
                 start = entries[-1].id
-                await streams.fill_delivery_counts(client, keys, self._name, entries)
-            if entries:
-                self._unacked = await worker.handle(entries, service.grace_expired)
+            else:
+                await reader.send(start, settings.block_ms)
+                entries = await reader.receive()
+            if not entries or service.grace_expired.done():
+                continue  # (entries read ahead but not started stay pending; close() hands them off)
+            if start == streams.NEW and not service.stopping.is_set() and self._may_read_ahead(len(entries)):
+                await reader.send(streams.NEW, block_ms=None)
+            began = time.perf_counter()
+            reader.acknowledge(await self._worker.handle(entries, service.grace_expired))
+            self._last_batch_seconds = time.perf_counter() - began
+
+    async def _read_history(self, start: str) -> list[RawEntry]:
+        await self._reader.send(start, block_ms=None)
+        entries = await self._reader.receive()
+        await streams.fill_delivery_counts(self._service.client, self._service.keys, self._name, entries)
+        return entries
+
+    def _may_read_ahead(self, entries_read: int) -> bool:
+        """A full batch means more is waiting; read it while this one is handled."""
+        return (
+            self._read_ahead
+            and entries_read >= self._service.settings.batch_size
+            and self._last_batch_seconds < self._quick_batch_seconds
+        )
 
     async def close(self) -> None:
         """Scale-down hand-off: acknowledge what is done, make what is still held (failed or
         abandoned entries) claimable at once, and leave the group only when holding nothing."""
         self._worker.runner.close()
-        await self._worker.acknowledge(self._unacked)
-        self._unacked = []
+        await self._worker.acknowledge(await self._reader.close())
         released, left = await self._worker.scripts.release_or_leave(
             self._name, self._service.settings.claim_min_idle_ms
         )

@@ -75,3 +75,11 @@ def record_fields(message: Message) -> None:
         raise PoisonMessage("asked to be poison")
     _client.set(f"fields:{message.id}", json.dumps(message.fields))
     _succeeded(message)
+
+
+def record_held(message: Message) -> None:
+    """Like record, and also notes how many entries this consumer holds (its pending count) right now."""
+    consumers = _client.xinfo_consumers(message.stream, os.environ.get("STREAMGROUP_GROUP", "messageGroup"))
+    held = next(c["pending"] for c in consumers if c["name"] == _consumer.encode())
+    _client.rpush("held", held)
+    record(message)

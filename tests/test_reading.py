@@ -1,0 +1,116 @@
+"""GroupReader against a real server: acknowledgements ride with reads, count only once applied,
+and a connection that may still owe a reply is never used again."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from streamgroup.connection import create_client
+from streamgroup.keys import StreamKeys
+from streamgroup.reading import GroupReader
+from streamgroup.settings import Settings
+
+KEYS = StreamKeys("reading", "g", "reading:dead")
+
+
+def _setup(r: redis.Redis, count: int) -> list[str]:
+    ids = [r.xadd(KEYS.stream, {"n": str(n)}) for n in range(count)]
+    r.xgroup_create(KEYS.stream, KEYS.group, id="0")
+    return ids
+
+
+def _run(redis_url: str, scenario) -> None:
+    async def main() -> None:
+        client = create_client(Settings(redis_url=redis_url))
+        acked: list[str] = []
+        reader = GroupReader(client, KEYS, "c1", 10, lambda ids, _sent_at: acked.extend(ids))
+        try:
+            await scenario(reader, acked)
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_acknowledgements_ride_with_the_next_read(redis_url, r) -> None:
+    ids = _setup(r, 25)
+
+    async def scenario(reader: GroupReader, acked: list[str]) -> None:
+        await reader.send(">", None)
+        first = await reader.receive()
+        assert [e.id for e in first] == ids[:10]
+        reader.acknowledge([e.id for e in first])
+        assert r.xpending(KEYS.stream, KEYS.group)["pending"] == 10, "not sent yet"
+        await reader.send(">", None)
+        assert reader.awaiting_reply
+        second = await reader.receive()
+        assert [e.id for e in second] == ids[10:20]
+        assert acked == ids[:10]
+        assert {row["message_id"] for row in r.xpending_range(KEYS.stream, KEYS.group, "-", "+", 50)} == set(ids[10:20])
+
+    _run(redis_url, scenario)
+
+
+def test_a_read_that_failed_sends_its_acknowledgements_again(redis_url, r) -> None:
+    ids = _setup(r, 10)
+
+    async def scenario(reader: GroupReader, acked: list[str]) -> None:
+        await reader.send(">", None)
+        await reader.receive()
+        reader.acknowledge(ids[:4])
+        await reader.send(">", 5000)  # blocks: nothing new
+        r.client_kill_filter(_type="normal", skipme=True)
+        with pytest.raises(RedisConnectionError):
+            await reader.receive()
+        assert acked == [], "not known to be applied"
+        assert not reader.awaiting_reply
+        await reader.send(">", None)
+        assert await reader.receive() == []
+        assert acked == ids[:4]
+        assert r.xpending(KEYS.stream, KEYS.group)["pending"] == 6
+
+    _run(redis_url, scenario)
+
+
+def test_an_error_reply_retires_the_connection_and_keeps_the_acknowledgements(redis_url, r) -> None:
+    ids = _setup(r, 3)
+
+    async def scenario(reader: GroupReader, acked: list[str]) -> None:
+        await reader.send(">", None)
+        await reader.receive()
+        reader.acknowledge(ids)
+        r.xgroup_destroy(KEYS.stream, KEYS.group)
+        await reader.send(">", None)
+        with pytest.raises(ResponseError, match="NOGROUP"):
+            await reader.receive()
+        # The XREADGROUP reply behind the failed XACK was never read: a reused connection would
+        # hand it to the next read as its answer.
+        r.xgroup_create(KEYS.stream, KEYS.group, id="0")
+        await reader.send(">", None)
+        entries = await reader.receive()
+        assert [e.id for e in entries] == ids
+        assert acked == ids, "sent again (ahead of the read, to the new group) this time"
+        assert r.xpending(KEYS.stream, KEYS.group)["pending"] == 3, "then read afresh from the new group"
+
+    _run(redis_url, scenario)
+
+
+def test_close_takes_the_reply_owed_and_returns_what_was_never_sent(redis_url, r) -> None:
+    ids = _setup(r, 5)
+
+    async def scenario(reader: GroupReader, acked: list[str]) -> None:
+        await reader.send(">", None)
+        await reader.receive()
+        reader.acknowledge(ids[:2])
+        await reader.send(">", None)
+        reader.acknowledge(ids[2:])
+        assert await reader.close() == ids[2:]
+        assert acked == ids[:2]
+        assert r.xpending(KEYS.stream, KEYS.group)["pending"] == 3
+
+    _run(redis_url, scenario)
