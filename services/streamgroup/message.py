@@ -1,8 +1,14 @@
-"""The message a handler receives, and how raw stream entries become one."""
+"""The message a handler receives, and how stream entries as Redis sent them become messages."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+# An entry as a reply holds it: [id, [field, value, ...]] in bytes; the field list is None for an
+# entry deleted while it was pending.
+Entry = Sequence[Any]
 
 
 @dataclass(slots=True)
@@ -20,8 +26,7 @@ class Message:
 
 @dataclass(slots=True)
 class RawEntry:
-    """An entry as Redis returned it: a flat [field, value, ...] list of bytes, or None for an
-    entry deleted while it was pending."""
+    """An entry that cannot be handled, kept as Redis returned it for the dead-letter stream."""
 
     id: str
     fields: list[bytes] | None
@@ -36,14 +41,35 @@ def entry_timestamp(entry_id: str) -> float:
     return int(entry_id.partition("-")[0]) / 1000.0
 
 
-def decode(stream: str, entry: RawEntry) -> Message | None:
-    """The entry as a Message, or None when it cannot be one (deleted, or fields not UTF-8)."""
-    if entry.fields is None:
-        return None
-    # Decoded by map and zip in C: a dict comprehension costs a third more per entry.
-    texts = map(bytes.decode, entry.fields)
-    try:
-        fields = dict(zip(texts, texts))  # noqa: B905 - Redis sends field, value pairs
-    except UnicodeDecodeError:
-        return None
-    return Message(entry.id, fields, stream, entry.deliveries)
+def entry_ids(entries: Sequence[Entry]) -> list[str]:
+    return [entry[0].decode() for entry in entries]
+
+
+def decode_batch(
+    stream: str, entries: Sequence[Entry], deliveries: Mapping[str, int], max_deliveries: int
+) -> tuple[list[Message], list[tuple[RawEntry, str]]]:
+    """Messages for the handler, and the entries it must not get with the reason why: delivered
+    more than max_deliveries times (`deliveries` maps ids to counts; absent means 1), deleted while
+    pending, or fields that are not UTF-8.
+
+    This loop runs once per message at full speed, so it is one pass, decoding with map and zip in C.
+    """
+    messages: list[Message] = []
+    rejected: list[tuple[RawEntry, str]] = []
+    add = messages.append
+    for raw_id, flat in entries:
+        entry_id = raw_id.decode()
+        count = deliveries.get(entry_id, 1) if deliveries else 1
+        if count > max_deliveries:
+            reason = f"delivered {count} times; a consumer died handling it each time"
+        elif flat is None:
+            reason = "malformed: entry deleted while pending"
+        else:
+            texts = map(bytes.decode, flat)
+            try:
+                add(Message(entry_id, dict(zip(texts, texts)), stream, count))  # noqa: B905 - Redis sends pairs
+                continue
+            except UnicodeDecodeError:
+                reason = "malformed: fields not UTF-8"
+        rejected.append((RawEntry(entry_id, flat, count), reason))
+    return messages, rejected

@@ -11,7 +11,7 @@ import asyncio
 import contextvars
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -25,7 +25,7 @@ from streamgroup.errors import PoisonMessage
 from streamgroup.handlers import Handler, is_async, load_handler
 from streamgroup.keys import StreamKeys
 from streamgroup.logs import get_logger
-from streamgroup.message import Message, RawEntry, decode
+from streamgroup.message import Entry, Message, RawEntry, decode_batch
 from streamgroup.metrics import Metrics
 from streamgroup.scripts import Scripts
 from streamgroup.settings import Settings
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from streamgroup.service import Service
 
 log = get_logger("streamgroup.processing")
+NO_REDELIVERIES: Mapping[str, int] = {}
 _first = itemgetter(0)
 
 
@@ -142,30 +143,19 @@ class MessageWorker:
         runner = HandlerRunner(load_handler(settings.handler), settings.concurrency)
         return cls(service.client, service.keys, settings.consumer_name, runner, settings, service.metrics)
 
-    async def handle(self, entries: Sequence[RawEntry], deadline: asyncio.Future | None = None) -> list[str]:
-        """Process entries; return the ids that succeeded, which the caller must acknowledge.
+    async def handle(
+        self,
+        entries: Sequence[Entry],
+        deliveries: Mapping[str, int] = NO_REDELIVERIES,
+        deadline: asyncio.Future | None = None,
+    ) -> list[str]:
+        """Process entries (as Redis sent them; `deliveries` maps ids delivered more than once to
+        their count); return the ids that succeeded, which the caller must acknowledge.
 
         If `deadline` completes first (shutdown grace ran out), calls in flight are abandoned:
         their entries stay pending and the reclaimer takes them over.
         """
-        stream = self._keys.stream
-        messages: list[Message] = []
-        rejected: list[tuple[RawEntry, str]] = []
-        for entry in entries:
-            if entry.deliveries > self._max_deliveries:
-                rejected.append(
-                    (
-                        entry,
-                        f"delivered {entry.deliveries} times; a consumer died handling it each time",
-                    )
-                )
-                continue
-            message = decode(stream, entry)
-            if message is None:
-                rejected.append((entry, "malformed: entry deleted or fields not UTF-8"))
-            else:
-                messages.append(message)
-
+        messages, rejected = decode_batch(self._keys.stream, entries, deliveries, self._max_deliveries)
         results = Results()
         run = asyncio.ensure_future(self.runner.run(messages, results))
         lease = asyncio.ensure_future(self._hold_lease(messages, results))
@@ -206,14 +196,15 @@ class MessageWorker:
             log.debug("lease renewed", entries=renewed)
 
     def _settle_failures(
-        self, entries: Sequence[RawEntry], failed: list[tuple[Message, BaseException]]
+        self, entries: Sequence[Entry], failed: list[tuple[Message, BaseException]]
     ) -> list[tuple[RawEntry, str]]:
-        by_id = {entry.id: entry for entry in entries}
+        # The dead-letter copy takes the fields as Redis sent them: the handler may have changed its dict.
+        sent = {raw_id.decode(): flat for raw_id, flat in entries}
         rejected = []
         for message, exc in failed:
             reason = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, PoisonMessage) or message.deliveries >= self._max_deliveries:
-                rejected.append((by_id[message.id], reason))
+                rejected.append((RawEntry(message.id, sent[message.id], message.deliveries), reason))
                 continue
             self._metrics.processed["failed"].inc()
             log.warning(

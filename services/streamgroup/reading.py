@@ -16,7 +16,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
 
 from streamgroup.keys import StreamKeys
-from streamgroup.message import RawEntry
+from streamgroup.message import Entry
 from streamgroup.streams import entries_of, raise_if_wrong_type
 
 
@@ -71,7 +71,7 @@ class GroupReader:
             raise
         self._replies_owed = len(commands)
 
-    async def receive(self) -> list[RawEntry]:
+    async def receive(self) -> list[Entry]:
         """The entries the read sent last returned; raises what Redis or the connection raised."""
         connection = self._connection
         assert connection is not None and self._replies_owed, "nothing was sent"

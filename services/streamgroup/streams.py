@@ -9,7 +9,7 @@ from redis.exceptions import ResponseError
 
 from streamgroup.errors import RedisRefusedError
 from streamgroup.keys import StreamKeys
-from streamgroup.message import RawEntry
+from streamgroup.message import Entry, RawEntry, entry_ids
 
 # XAUTOCLAIM replies are left as Redis sent them (see connection.RAW_REPLIES), and XREADGROUP
 # goes round redis-py (see streamgroup.reading): redis-py would build a dict of bytes per entry
@@ -40,13 +40,12 @@ async def ensure_group(client: aioredis.Redis, keys: StreamKeys) -> bool:
     return True
 
 
-def entries_of(reply: dict | list | None) -> list[RawEntry]:
-    """Entries of a raw XREADGROUP reply for one stream: {stream: [[id, [f, v, ...]], ...]} in
-    RESP3, [[stream, [...]]] in RESP2."""
+def entries_of(reply: dict | list | None) -> list[Entry]:
+    """Entries of a raw XREADGROUP reply for one stream, as sent: {stream: [entry, ...]} in RESP3,
+    [[stream, [entry, ...]]] in RESP2."""
     if not reply:
         return []
-    entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
-    return [RawEntry(entry_id.decode(), fields) for entry_id, fields in entries]
+    return next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
 
 
 async def ack(client: aioredis.Redis, keys: StreamKeys, ids: Sequence[str]) -> int:
@@ -55,20 +54,18 @@ async def ack(client: aioredis.Redis, keys: StreamKeys, ids: Sequence[str]) -> i
     return await client.xack(keys.stream, keys.group, *ids)
 
 
-async def fill_delivery_counts(
-    client: aioredis.Redis, keys: StreamKeys, consumer: str, entries: Sequence[RawEntry]
-) -> None:
-    """Set how often each of this consumer's entries was delivered: XREADGROUP from history and
+async def delivery_counts(
+    client: aioredis.Redis, keys: StreamKeys, consumer: str, entries: Sequence[Entry]
+) -> dict[str, int]:
+    """How often each of this consumer's entries was delivered: XREADGROUP from history and
     XAUTOCLAIM do not say, XPENDING does."""
     if not entries:
-        return
-    ordered = sorted((entry.id for entry in entries), key=_id_key)
+        return {}
+    ordered = sorted(entry_ids(entries), key=_id_key)
     rows = await client.xpending_range(
         keys.stream, keys.group, min=ordered[0], max=ordered[-1], count=len(ordered) * 2 + 10, consumername=consumer
     )
-    counts = {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
-    for entry in entries:
-        entry.deliveries = counts.get(entry.id, entry.deliveries)
+    return {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
@@ -83,12 +80,11 @@ async def autoclaim(
     min_idle_ms: int,
     cursor: str,
     count: int,
-) -> tuple[str, list[RawEntry], list[str]]:
+) -> tuple[str, list[Entry], list[str]]:
     """Take over entries idle for min_idle_ms from any consumer. Returns (next cursor, entries, deleted ids)."""
     reply = await client.xautoclaim(keys.stream, keys.group, consumer, min_idle_ms, start_id=cursor, count=count)
     next_cursor, claimed, deleted = reply[0], reply[1], reply[2] if len(reply) > 2 else []
-    entries = [RawEntry(entry_id.decode(), fields) for entry_id, fields in claimed]
-    return _text(next_cursor), entries, [_text(entry_id) for entry_id in deleted]
+    return _text(next_cursor), claimed, [_text(entry_id) for entry_id in deleted]
 
 
 DEAD_LETTER_FIELDS_PREFIX = "x-streamgroup-"

@@ -7,8 +7,8 @@ import time
 from streamgroup import service as runtime
 from streamgroup import streams
 from streamgroup.logs import get_logger
-from streamgroup.message import RawEntry
-from streamgroup.processing import MessageWorker
+from streamgroup.message import Entry
+from streamgroup.processing import NO_REDELIVERIES, MessageWorker
 from streamgroup.reading import GroupReader
 from streamgroup.service import Service
 
@@ -38,16 +38,17 @@ class Consumer:
         # After a (re)start, finish what this consumer already holds: it may have died mid-batch.
         start = streams.HISTORY
         while True:
+            deliveries = NO_REDELIVERIES
             if reader.awaiting_reply:  # read ahead while the last batch was handled
                 entries = await reader.receive()
             elif service.stopping.is_set():
                 return
             elif start != streams.NEW:
-                entries = await self._read_history(start)
+                entries, deliveries = await self._read_history(start)
                 if not entries:
                     start = streams.NEW
                     continue
-                start = entries[-1].id
+                start = entries[-1][0].decode()
             else:
                 await reader.send(start, settings.block_ms)
                 entries = await reader.receive()
@@ -56,14 +57,14 @@ class Consumer:
             if start == streams.NEW and not service.stopping.is_set() and self._may_read_ahead(len(entries)):
                 await reader.send(streams.NEW, block_ms=None)
             began = time.perf_counter()
-            reader.acknowledge(await self._worker.handle(entries, service.grace_expired))
+            reader.acknowledge(await self._worker.handle(entries, deliveries, service.grace_expired))
             self._last_batch_seconds = time.perf_counter() - began
 
-    async def _read_history(self, start: str) -> list[RawEntry]:
+    async def _read_history(self, start: str) -> tuple[list[Entry], dict[str, int]]:
+        """This consumer's own pending entries after `start`, and how often each was delivered."""
         await self._reader.send(start, block_ms=None)
         entries = await self._reader.receive()
-        await streams.fill_delivery_counts(self._service.client, self._service.keys, self._name, entries)
-        return entries
+        return entries, await streams.delivery_counts(self._service.client, self._service.keys, self._name, entries)
 
     def _may_read_ahead(self, entries_read: int) -> bool:
         """A full batch means more is waiting; read it while this one is handled."""

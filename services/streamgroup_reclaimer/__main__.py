@@ -51,9 +51,9 @@ class Reclaimer:
             if entries:
                 total += len(entries)
                 service.metrics.reclaimed.inc(len(entries))
-                await streams.fill_delivery_counts(client, keys, self._name, entries)
-                log.info("reclaimed idle entries", count=len(entries), first_id=entries[0].id)
-                await self._worker.acknowledge(await self._worker.handle(entries, service.grace_expired))
+                deliveries = await streams.delivery_counts(client, keys, self._name, entries)
+                log.info("reclaimed idle entries", count=len(entries), first_id=entries[0][0].decode())
+                await self._worker.acknowledge(await self._worker.handle(entries, deliveries, service.grace_expired))
             if cursor == CURSOR_START:
                 break
         return total
