@@ -327,6 +327,7 @@ class Bench:
         }
         approaches: list[tuple[str, str, int, int]] = [
             (SG_CONSUMER, "streamgroup", s.messages, s.runs),
+            ("streamgroup consumer, READ_AHEAD=false", "streamgroup-one-batch", s.messages, s.runs),
             ("hand-tuned redis-py (count=1000, XACK per batch)", "handtuned", s.messages, s.runs),
             ("original design (count=10, XACK per message)", "original", min(s.slow_messages, s.messages), s.slow_runs),
             ("FastStream 0.7, one message per call", "faststream", s.faststream_single_messages, s.slow_runs),
@@ -335,16 +336,18 @@ class Bench:
         for label, kind, count, runs in approaches:
             base = s.messages - count  # a smaller run reads only the last `count` entries
             start = "0" if base == 0 else self.r.xrevrange(stream, count=count + 1)[-1][0]
-            rates, peaks = [], []
+            rates, peaks, server_usec = [], [], []
             for _ in range(runs):
+                self.r.config_resetstat()
                 group = self.name(f"g-{kind}")
                 # Created here for every approach, so all read the same pre-filled entries.
                 self.r.xgroup_create(stream, group, id=start, entries_read=base)
                 consumer = self.name("c")
-                if kind == "streamgroup":
+                if kind.startswith("streamgroup"):
                     proc = self.service(
                         "consumer", consumer, STREAM=stream, GROUP=group,
                         HANDLER="streamgroup.handlers:noop", BATCH_SIZE=s.consumer_batch, BLOCK_MS=100,
+                        READ_AHEAD=kind == "streamgroup",
                     )  # fmt: skip
                 else:
                     proc = self.loop(kind, consumer, stream=stream, group=group, consumer=consumer, count=count)
@@ -353,18 +356,26 @@ class Bench:
                     elapsed = self.time_group(stream, group, s.messages, [proc], timeout=600, base=base)
                 finally:
                     rss = sampler.stop()["p"]
-                    code = proc.stop() if kind == "streamgroup" else proc.wait(60)
+                    code = proc.stop() if kind.startswith("streamgroup") else proc.wait(60)
                 if code != 0:
                     raise BenchError(f"{label} exited with {code}: {proc.tail()}")
                 self.verify_group(stream, group, s.messages)
+                server_usec.append(self.server_usec_per_entry(count))
                 self.r.xgroup_destroy(stream, group)
                 rates.append(count / elapsed)
                 peaks.append(rss)
-            self.report.add(
-                Result("consumer", label, self.median(rates), "msg/s", rates, count, True, f"{runs} run(s)")
-            )
+            usec = self.median(server_usec)
+            note = f"{runs} run(s); Redis spent {usec:.1f} us per entry on its XREADGROUP and XACK calls"
+            self.report.add(Result("consumer", label, self.median(rates), "msg/s", rates, count, True, note))
             if kind == "streamgroup":
                 self.add_memory("consumer, no-op throughput run", peaks, count)
+
+    def server_usec_per_entry(self, count: int) -> float:
+        """Server CPU time of the run's XREADGROUP and XACK calls (INFO commandstats, reset before
+        the run) per entry: what Redis itself needs, whoever the client is."""
+        stats = self.r.info("commandstats")
+        usec = sum(stats.get(f"cmdstat_{name}", {}).get("usec", 0) for name in ("xreadgroup", "xack"))
+        return usec / count
 
     def add_memory(self, label: str, peaks: list[tuple[float, float]], count: int) -> None:
         """Report the peak resident memory of a service over its runs: (sampled VmRSS, VmHWM) pairs."""

@@ -35,6 +35,7 @@ def test_bench_quick_runs_every_section_and_writes_the_report(tmp_path: Path) ->
     consumers = [r for (section, _), r in results.items() if section == "consumer"]
     assert [r["name"] for r in consumers] == [
         SG_CONSUMER,
+        "streamgroup consumer, READ_AHEAD=false",
         "hand-tuned redis-py (count=1000, XACK per batch)",
         "original design (count=10, XACK per message)",
         "FastStream 0.7, one message per call",
