@@ -12,6 +12,7 @@ import redis
 from streamgroup.devserver import DevServer
 from support.accounting import GROUP, STREAM, group_info, ledger
 from support.processes import Services, wait_for
+from support.proxy import SilentProxy
 
 DURABLE = ["--appendonly", "yes", "--appendfsync", "always"]
 
@@ -88,6 +89,44 @@ def test_outage_of_10_seconds_is_ridden_out(durable) -> None:
     assert books.unprocessed() == set()
     for proc in everyone:
         assert "redis unavailable; retrying" in proc.output
+
+
+def test_redis_gone_silent_is_noticed_retried_and_ridden_out(durable) -> None:
+    """A partition: connections stay open but nothing comes back. Every service must notice it
+    by STREAMGROUP_REDIS_TIMEOUT_MS (plus BLOCK_MS for a read), report it, and carry on after."""
+    server, _, r = durable
+    proxy = SilentProxy(server.port)
+    services = Services(f"redis://127.0.0.1:{proxy.port}/0", durable[1].log_dir)
+    try:
+        quick = {"HANDLER": "support.handlers:record", "REDIS_TIMEOUT_MS": 1000, "BLOCK_MS": 500}
+        consumer = services.start("consumer", name="c1", metrics=True, **quick)
+        reclaimer = services.start("reclaimer", name="reclaimer", metrics=True, RECLAIM_INTERVAL_MS=200, **quick)
+        producer = services.start("producer", name="producer", metrics=True, PRODUCERS=10, PRODUCER_INTERVAL_MS=50,
+                                  REDIS_TIMEOUT_MS=1000)  # fmt: skip
+        everyone = [consumer, reclaimer, producer]
+        wait_for(lambda: r.exists(STREAM) and r.xlen(STREAM) >= 200, timeout=15, what="traffic")
+
+        proxy.freeze()
+        wait_for(lambda: all(p.get("/readyz")[0] == 503 for p in everyone), timeout=10, what="all report not ready")
+        time.sleep(3)
+        assert all(p.alive() for p in everyone), "nobody crashed while Redis was silent"
+        proxy.thaw()
+        wait_for(lambda: all(p.get("/readyz")[0] == 200 for p in everyone), timeout=30, what="all ready again")
+        produced_before = r.xlen(STREAM)
+        wait_for(lambda: r.xlen(STREAM) >= produced_before + 200, timeout=15, what="traffic afterwards")
+
+        assert producer.stop() == 0
+        wait_for(lambda: _settled(r), timeout=30, what="the backlog drained")
+        for proc in (consumer, reclaimer):
+            assert proc.stop() == 0, proc.output
+        _assert_complete(r, producers=10)
+        assert ledger(r).unprocessed() == set()
+        for proc in everyone:
+            assert "redis unavailable; retrying" in proc.output
+        assert "no reply from Redis within 1.5 s" in consumer.output, "the blocked read gave up after 1 s + BLOCK_MS"
+    finally:
+        services.stop_all()
+        proxy.close()
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ def _run(redis_url: str, scenario) -> None:
     async def main() -> None:
         client = create_client(Settings(redis_url=redis_url))
         acked: list[str] = []
-        reader = GroupReader(client, KEYS, "c1", 10, lambda ids, _sent_at: acked.extend(ids))
+        reader = GroupReader(client, KEYS, "c1", 10, lambda ids, _sent_at: acked.extend(ids), timeout_seconds=5)
         try:
             await scenario(reader, acked)
         finally:

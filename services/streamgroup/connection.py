@@ -23,6 +23,9 @@ def client_options(settings: Settings) -> dict[str, Any]:
         "health_check_interval": 30,
         "socket_connect_timeout": 5,
         "socket_keepalive": True,
+        # A peer that vanished without closing the connection (a partition, a dead node) is noticed
+        # by this, not by TCP keepalive's two hours; the consumer's reads add BLOCK_MS to it.
+        "socket_timeout": settings.redis_timeout_ms / 1000.0,
     }
     if settings.redis_password_file is not None:
         options["password"] = read_password_file(settings.redis_password_file)

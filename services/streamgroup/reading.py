@@ -7,13 +7,16 @@ await, and its per-call bookkeeping cost more CPU than everything else on the co
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable, Sequence
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamgroup.keys import StreamKeys
 from streamgroup.message import Entry
@@ -31,14 +34,17 @@ class GroupReader:
         consumer: str,
         count: int,
         on_acked: Callable[[Sequence[str], float], None],
+        timeout_seconds: float,
     ) -> None:
         self._pool = client.connection_pool
         self._keys, self._consumer, self._count = keys, consumer, count
+        self._timeout = timeout_seconds
         self._on_acked = on_acked
         self._connection: AbstractConnection | None = None
         self._due: list[str] = []
         self._sent_acks: list[str] = []
         self._sent_at = 0.0
+        self._reply_deadline_seconds = timeout_seconds
         self._replies_owed = 0
 
     @property
@@ -62,6 +68,7 @@ class GroupReader:
             self._connection = await self._pool.get_connection()
         connection = self._connection
         self._due, self._sent_acks = [], acks
+        self._reply_deadline_seconds = self._timeout + (block_ms or 0) / 1000.0
         # The acknowledgements take effect before a read that may block: that is when their latency ends.
         self._sent_at = time.time()
         try:
@@ -76,15 +83,18 @@ class GroupReader:
         connection = self._connection
         assert connection is not None and self._replies_owed, "nothing was sent"
         try:
-            while self._replies_owed > 1:
-                await connection.read_response()
-                self._replies_owed -= 1
-            reply = await connection.read_response()
+            async with asyncio.timeout(self._reply_deadline_seconds):
+                while self._replies_owed > 1:
+                    await connection.read_response(timeout=math.inf)
+                    self._replies_owed -= 1
+                reply = await connection.read_response(timeout=math.inf)
             self._replies_owed = 0
         except BaseException as exc:
             await self._failed()
             if isinstance(exc, ResponseError):
                 raise_if_wrong_type(exc, self._keys.stream)
+            if isinstance(exc, TimeoutError):
+                raise RedisTimeoutError(f"no reply from Redis within {self._reply_deadline_seconds:g} s") from exc
             raise
         acks, self._sent_acks = self._sent_acks, []
         if acks:

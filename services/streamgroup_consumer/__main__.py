@@ -26,8 +26,9 @@ class Consumer:
         self._name = settings.consumer_name
         self._worker = MessageWorker.for_service(service)
         self._reader = GroupReader(
-            service.client, service.keys, self._name, settings.batch_size, self._worker.record_acked
-        )
+            service.client, service.keys, self._name, settings.batch_size, self._worker.record_acked,
+            timeout_seconds=settings.redis_timeout_ms / 1000.0,
+        )  # fmt: skip
         self._read_ahead = settings.read_ahead
         self._quick_batch_seconds = min(READ_AHEAD_MAX_BATCH_SECONDS, self._worker.lease_seconds / 2)
         self._last_batch_seconds = float("inf")
