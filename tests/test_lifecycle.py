@@ -114,6 +114,21 @@ def test_malformed_entry_goes_to_dead_letter_and_the_consumer_carries_on(service
     assert b"malformed" in dead[b"x-streamgroup-error"]
 
 
+def test_an_entry_too_wide_for_a_lua_call_is_dead_lettered_whole(services, r) -> None:
+    # Lua's unpack() stops near 8,000 values, so a 5,000-field entry cannot go through the script.
+    raw = redis.Redis.from_url(services.redis_url)
+    fields = {f"f{n}".encode(): str(n).encode() for n in range(5000)} | {b"payload": b"\xff not utf-8"}
+    wide_id = raw.xadd(STREAM, fields).decode()
+    good_id = r.xadd(STREAM, {"producer": "1", "serial": "2"})
+    consumer = services.start("consumer", name="wide", HANDLER="support.handlers:record")
+    wait_for(lambda: all_acked(r, 2), timeout=15, what="both entries settled")
+    assert consumer.alive(), consumer.output
+    assert [row.split()[1] for row in r.lrange("done-by", 0, -1)] == [good_id]
+    [(_, dead)] = raw.xrange(f"{STREAM}:dead")
+    assert dead[b"x-streamgroup-original-id"].decode() == wide_id
+    assert {k: v for k, v in dead.items() if not k.startswith(b"x-streamgroup-")} == fields, "every field kept"
+
+
 @pytest.mark.parametrize(
     ("info", "accepted"),
     [

@@ -126,6 +126,10 @@ return added
 # first error, so an entry whose XADD fails is never acknowledged; MULTI/EXEC would run the XACK
 # anyway and lose it. ARGV = group, then per entry: its id, the length n of its flat field list,
 # and the n field/value items.
+# Lua's unpack() refuses 8,000 values or more (LUAI_MAXCSTACK), and the script unpacks one
+# entry's fields into one XADD: wider entries are moved without the script.
+SCRIPT_MAX_FIELDS = 7_000
+
 DEAD_LETTER = """
 local moved, i = 0, 2
 while i <= #ARGV do
@@ -145,7 +149,7 @@ class Scripts:
     """The scripts registered on one client (EVALSHA; SCRIPT LOAD first when the server lacks one)."""
 
     def __init__(self, client: aioredis.Redis, keys: StreamKeys) -> None:
-        self._keys = keys
+        self._client, self._keys = client, keys
         self._renew = client.register_script(RENEW_LEASE)
         self._release = client.register_script(RELEASE_OR_LEAVE)
         self._delete = client.register_script(DELETE_IF_IDLE)
@@ -176,7 +180,18 @@ class Scripts:
 
     async def dead_letter(self, entries: Sequence[tuple[str, Sequence[bytes | str]]]) -> int:
         """Move (entry id, flat dead-letter fields) pairs to the dead-letter stream, acknowledging each."""
-        args: list[bytes | str | int] = [self._keys.group]
+        keys = self._keys
+        args: list[bytes | str | int] = [keys.group]
+        wide = []
         for entry_id, fields in entries:
-            args += [entry_id, len(fields), *fields]
-        return int(await self._dead_letter(keys=[self._keys.stream, self._keys.dead_letter], args=args))
+            if len(fields) > SCRIPT_MAX_FIELDS:
+                wide.append((entry_id, fields))
+            else:
+                args += [entry_id, len(fields), *fields]
+        moved = int(await self._dead_letter(keys=[keys.stream, keys.dead_letter], args=args)) if len(args) > 1 else 0
+        for entry_id, fields in wide:
+            # Too wide for the script: the same two steps from here, in the same order. A crash
+            # between them leaves the entry pending, so it is dead-lettered twice, never lost.
+            await self._client.execute_command("XADD", keys.dead_letter, "*", *fields)
+            moved += await self._client.xack(keys.stream, keys.group, entry_id)
+        return moved
