@@ -90,15 +90,16 @@ WHY = {
     "consumer / original design loop": (
         "The original loop is bound by one round trip per XACK, and loopback round trips here are"
         " short: it runs at about twice the ~5,300 msg/s the target was set against, so 20x of it"
-        " asks for 200-260k msg/s. Redis itself spends ~3.2 us per entry on XREADGROUP and XACK"
-        " (INFO commandstats), a ceiling of ~310k msg/s for one consumer; the consumer gets close"
-        " in quiet runs and falls short in noisy ones."
+        " asks for 200-260k msg/s. Reading ahead, the consumer is bound by its own per-message"
+        " Python work (about 4 us: a Message with decoded fields, the handler call, metrics), not"
+        " by Redis (2.4-2.8 us per entry, see the notes in the consumer table); it gets there in"
+        " quiet runs and falls short in noisy ones."
     ),
     "consumer / FastStream batch=True": (
         "FastStream with batch=True reads 1,000 entries per call and acknowledges them in one XACK:"
         " it is itself a batch loop, and its figure has been seen anywhere between 40k and 80k"
         " msg/s on this machine. At the top of that range, 3x of it (240k msg/s) is more than the"
-        " consumer reaches in most runs here, close to what Redis can serve one consumer."
+        " consumer reaches in most runs here."
     ),
     "producer / hand-tuned pipelined loop": (
         "streamgroup's producer adds up to 1,000 entries per script call (one reply per call);"
