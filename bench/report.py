@@ -202,6 +202,7 @@ def markdown(report: Report, command: str, date: str, chart_name: str | None) ->
         "latency": "End-to-end latency",
         "io": "IO-bound handler (10 ms sleep): scaling",
         "memory": "Resident memory of the service processes under load",
+        "profile": "Where the consumer's time goes (share of py-spy samples, no-op handler, full speed)",
     }
     for section, title in titles.items():
         rows = [r for r in report.results if r.section == section]
@@ -239,7 +240,10 @@ METHOD = """
   Throughput is the median of the runs listed. streamgroup's consumer runs with its defaults
   apart from `BATCH_SIZE=1000`, so it reads ahead (the next `XREADGROUP` goes out before a batch
   is handled); the `READ_AHEAD=false` row is the same consumer holding one batch at a time, with
-  the acknowledgements still riding along with the next read. The hand-tuned loop is synchronous redis-py with
+  the acknowledgements still riding along with the next read. streamgroup decodes an entry's
+  fields to text only when the handler reads `message.fields` (it checks they are valid UTF-8
+  before, in C); the no-op handler never reads them, so the row with a handler that reads every
+  field shows what the decoding costs. The hand-tuned loop is synchronous redis-py with
   hiredis: `XREADGROUP COUNT 1000`, a no-op call per entry, one `XACK` per batch. The original
   design's loop is the seed document's code (history first, `count=10`, an `XACK` per message).
   FastStream runs a `StreamSub(group, consumer, max_records=1000, batch=...)` subscriber with an async
@@ -262,6 +266,11 @@ METHOD = """
   blocking read; then the harness adds the messages and the clock runs from the first entry to the
   last acknowledgement. Each run is sized to take a few seconds at ideal speed (100 msg/s per
   handler call in flight).
+- **Profile.** streamgroup's consumer drains the pre-filled stream once more under
+  `py-spy record --nonblocking` (250 samples a second per thread). Its busy samples are sorted by
+  the first stage found on each stack; imports and waits (for Redis, or the handler thread for
+  work) are left out. It shows where the per-message work is, not how fast it is: the profiled run
+  is slower than the measured ones.
 - **Memory** is `VmHWM` (peak resident set) from `/proc/PID/status`, read while the process is still
   running at the end of its run; `VmRSS` is also sampled every 50 ms (largest value in the note).
 """

@@ -34,6 +34,11 @@ MODULES = {"producer": "streamgroup_producer", "consumer": "streamgroup_consumer
 # Result labels the report looks up to compute the target ratios.
 SG_CONSUMER = "streamgroup consumer"
 SG_PRODUCER = "streamgroup producer (500 producers, one script call per tick)"
+SG_CONSUMER_VARIANTS: dict[str, dict[str, object]] = {
+    "streamgroup": {"HANDLER": "streamgroup.handlers:noop"},
+    "streamgroup-one-batch": {"HANDLER": "streamgroup.handlers:noop", "READ_AHEAD": "false"},
+    "streamgroup-fields": {"HANDLER": "bench.handlers:read_fields"},
+}
 
 
 @dataclass
@@ -328,6 +333,7 @@ class Bench:
         approaches: list[tuple[str, str, int, int]] = [
             (SG_CONSUMER, "streamgroup", s.messages, s.runs),
             ("streamgroup consumer, READ_AHEAD=false", "streamgroup-one-batch", s.messages, s.runs),
+            ("streamgroup consumer, handler reading every field", "streamgroup-fields", s.messages, s.runs),
             ("hand-tuned redis-py (count=1000, XACK per batch)", "handtuned", s.messages, s.runs),
             ("original design (count=10, XACK per message)", "original", min(s.slow_messages, s.messages), s.slow_runs),
             ("FastStream 0.7, one message per call", "faststream", s.faststream_single_messages, s.slow_runs),
@@ -345,9 +351,8 @@ class Bench:
                 consumer = self.name("c")
                 if kind.startswith("streamgroup"):
                     proc = self.service(
-                        "consumer", consumer, STREAM=stream, GROUP=group,
-                        HANDLER="streamgroup.handlers:noop", BATCH_SIZE=s.consumer_batch, BLOCK_MS=100,
-                        READ_AHEAD=kind == "streamgroup",
+                        "consumer", consumer, STREAM=stream, GROUP=group, BATCH_SIZE=s.consumer_batch, BLOCK_MS=100,
+                        **SG_CONSUMER_VARIANTS[kind],
                     )  # fmt: skip
                 else:
                     proc = self.loop(kind, consumer, stream=stream, group=group, consumer=consumer, count=count)
@@ -534,6 +539,13 @@ class Bench:
                        "CONCURRENCY=1 BATCH_SIZE=10")
             )  # fmt: skip
 
+    # -- where the consumer's time goes
+
+    def profile(self) -> None:
+        from bench.profile import profile_consumer  # it builds on this module
+
+        profile_consumer(self)
+
     def io_run(self, count: int, processes: int, concurrency: int, batch: int) -> float:
         stream, group = self.name("bench:io"), "g-io"
         self.r.xgroup_create(stream, group, id="0", mkstream=True)
@@ -601,6 +613,7 @@ SECTIONS: dict[str, Callable[[Bench], None]] = {
     "producer": Bench.producer_throughput,
     "latency": Bench.latency,
     "io": Bench.io_scaling,
+    "profile": Bench.profile,
 }
 
 

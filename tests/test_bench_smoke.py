@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.profile import OTHER, STAGES
 from bench.suite import SG_CONSUMER, SG_PRODUCER
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +37,7 @@ def test_bench_quick_runs_every_section_and_writes_the_report(tmp_path: Path) ->
     assert [r["name"] for r in consumers] == [
         SG_CONSUMER,
         "streamgroup consumer, READ_AHEAD=false",
+        "streamgroup consumer, handler reading every field",
         "hand-tuned redis-py (count=1000, XACK per batch)",
         "original design (count=10, XACK per message)",
         "FastStream 0.7, one message per call",
@@ -55,10 +57,14 @@ def test_bench_quick_runs_every_section_and_writes_the_report(tmp_path: Path) ->
     memory = [name for section, name in results if section == "memory"]
     assert {"consumer, no-op throughput run", "producer, throughput run"} <= set(memory)
     assert any(name.startswith("reclaimer") for name in memory)
+    profile = {name: r["value"] for (section, name), r in results.items() if section == "profile"}
+    assert profile and set(profile) <= {stage for _, stage in STAGES} | {OTHER}
+    assert abs(sum(profile.values()) - 100) < 0.01, "every busy sample counted once"
     assert {t["name"] for t in data["targets"]} >= {"consumer / hand-tuned loop", "end-to-end p99 at 5,000 msg/s"}
 
     text = output.read_text()
-    for heading in ("## Targets", "## Consumer throughput", "## Producer throughput", "## End-to-end latency"):
+    headings = ("## Targets", "## Consumer throughput", "## Producer throughput", "## End-to-end latency", "## Where")
+    for heading in headings:
         assert heading in text
     assert "`python -m bench --quick" in text
     assert "![benchmark chart](benchmarks.png)" in text
