@@ -47,7 +47,7 @@ def test_acknowledgements_ride_with_the_next_read(redis_url, r) -> None:
         reader.acknowledge([e[0].decode() for e in first])
         assert r.xpending(KEYS.stream, KEYS.group)["pending"] == 10, "not sent yet"
         await reader.send(">", None)
-        assert reader.awaiting_reply
+        assert reader.reads_in_flight == 1
         second = await reader.receive()
         assert [e[0].decode() for e in second] == ids[10:20]
         assert acked == ids[:10]
@@ -68,7 +68,7 @@ def test_a_read_that_failed_sends_its_acknowledgements_again(redis_url, r) -> No
         with pytest.raises(RedisConnectionError):
             await reader.receive()
         assert acked == [], "not known to be applied"
-        assert not reader.awaiting_reply
+        assert reader.reads_in_flight == 0
         await reader.send(">", None)
         assert await reader.receive() == []
         assert acked == ids[:4]
@@ -112,5 +112,34 @@ def test_close_takes_the_reply_owed_and_returns_what_was_never_sent(redis_url, r
         assert await reader.close() == ids[2:]
         assert acked == ids[:2]
         assert r.xpending(KEYS.stream, KEYS.group)["pending"] == 3
+
+    _run(redis_url, scenario)
+
+
+def test_two_reads_in_flight_come_back_in_order_and_a_failure_returns_both_acknowledgements(redis_url, r) -> None:
+    ids = _setup(r, 30)
+
+    async def scenario(reader: GroupReader, acked: list[str]) -> None:
+        await reader.send(">", None)
+        first = await reader.receive()
+        reader.acknowledge([e[0].decode() for e in first])
+        await reader.send(">", None)
+        await reader.send(">", None)
+        assert reader.reads_in_flight == 2
+        assert [e[0].decode() for e in await reader.receive()] == ids[10:20]
+        assert acked == ids[:10], "the first read in flight carried them"
+        assert [e[0].decode() for e in await reader.receive()] == ids[20:30]
+
+        reader.acknowledge(ids[10:15])
+        await reader.send(">", 5000)
+        reader.acknowledge(ids[15:20])
+        await reader.send(">", 5000)
+        r.client_kill_filter(_type="normal", skipme=True)
+        with pytest.raises(RedisConnectionError):
+            await reader.receive()
+        assert reader.reads_in_flight == 0
+        await reader.send(">", None)
+        assert await reader.receive() == []
+        assert acked == ids[:20], "both requests' acknowledgements sent again, in order"
 
     _run(redis_url, scenario)

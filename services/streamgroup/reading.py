@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
@@ -23,9 +25,18 @@ from streamgroup.message import Entry
 from streamgroup.streams import entries_of, raise_if_wrong_type
 
 
+@dataclass(slots=True)
+class _Request:
+    acks: list[str]  # acknowledged by this request's XACK, if any
+    sent_at: float
+    replies: int
+    deadline_seconds: float  # for its reply, from when it is awaited
+
+
 class GroupReader:
     """Reads for one consumer and acknowledges on the way: ids passed to acknowledge() ride with
-    the next read, and count as acknowledged (on_acked) only once its reply came back."""
+    the next read, and count as acknowledged (on_acked) only once its reply came back. Reads may
+    be sent before the reply to the previous one was taken; replies come back in order."""
 
     def __init__(
         self,
@@ -42,21 +53,16 @@ class GroupReader:
         self._on_acked = on_acked
         self._connection: AbstractConnection | None = None
         self._due: list[str] = []
-        self._sent_acks: list[str] = []
-        self._sent_at = 0.0
-        self._reply_deadline_seconds = timeout_seconds
-        self._replies_owed = 0
+        self._in_flight: deque[_Request] = deque()
 
     @property
-    def awaiting_reply(self) -> bool:
-        return self._replies_owed > 0
+    def reads_in_flight(self) -> int:
+        return len(self._in_flight)
 
     def acknowledge(self, ids: Sequence[str]) -> None:
         self._due.extend(ids)
 
     async def send(self, start: str, block_ms: int | None) -> None:
-        if self._replies_owed:
-            raise RuntimeError("the previous read's reply was not taken")
         keys, acks = self._keys, self._due
         commands: list[tuple] = [("XACK", keys.stream, keys.group, *acks)] if acks else []
         block = ("BLOCK", block_ms) if block_ms is not None else ()
@@ -67,55 +73,54 @@ class GroupReader:
         if self._connection is None:
             self._connection = await self._pool.get_connection()
         connection = self._connection
-        self._due, self._sent_acks = [], acks
-        self._reply_deadline_seconds = self._timeout + (block_ms or 0) / 1000.0
+        self._due = []
         # The acknowledgements take effect before a read that may block: that is when their latency ends.
-        self._sent_at = time.time()
+        request = _Request(acks, time.time(), len(commands), self._timeout + (block_ms or 0) / 1000.0)
+        self._in_flight.append(request)
         try:
             await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
         except BaseException:
             await self._failed()
             raise
-        self._replies_owed = len(commands)
 
     async def receive(self) -> list[Entry]:
-        """The entries the read sent last returned; raises what Redis or the connection raised."""
+        """The entries of the oldest read in flight; raises what Redis or the connection raised."""
         connection = self._connection
-        assert connection is not None and self._replies_owed, "nothing was sent"
+        assert connection is not None and self._in_flight, "nothing was sent"
+        request = self._in_flight[0]
         try:
-            async with asyncio.timeout(self._reply_deadline_seconds):
-                while self._replies_owed > 1:
+            async with asyncio.timeout(request.deadline_seconds):
+                while request.replies > 1:
                     await connection.read_response(timeout=math.inf)
-                    self._replies_owed -= 1
+                    request.replies -= 1
                 reply = await connection.read_response(timeout=math.inf)
-            self._replies_owed = 0
         except BaseException as exc:
             await self._failed()
             if isinstance(exc, ResponseError):
                 raise_if_wrong_type(exc, self._keys.stream)
             if isinstance(exc, TimeoutError):
-                raise RedisTimeoutError(f"no reply from Redis within {self._reply_deadline_seconds:g} s") from exc
+                raise RedisTimeoutError(f"no reply from Redis within {request.deadline_seconds:g} s") from exc
             raise
-        acks, self._sent_acks = self._sent_acks, []
-        if acks:
-            self._on_acked(acks, self._sent_at)
+        self._in_flight.popleft()
+        if request.acks:
+            self._on_acked(request.acks, request.sent_at)
         return entries_of(reply)
 
     async def _failed(self) -> None:
-        """The acknowledgements may not have been applied: they go again with the next read. The
-        connection may still owe replies, so it is never used again."""
-        self._due[:0] = self._sent_acks
-        self._sent_acks, self._replies_owed = [], 0
+        """Acknowledgements not known to be applied go again with the next read. The connection
+        may still owe replies, so it is never used again."""
+        self._due[:0] = [entry_id for request in self._in_flight for entry_id in request.acks]
+        self._in_flight.clear()
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.disconnect(nowait=True)
             await self._pool.release(connection)
 
     async def close(self) -> list[str]:
-        """Take any reply still owed (its acknowledgements count), give the connection back, and
-        return the ids whose acknowledgement was never sent."""
-        if self._replies_owed:
-            with contextlib.suppress(Exception):  # on failure the ids are due again; the caller sends them
+        """Take the replies still owed (their acknowledgements count), give the connection back,
+        and return the ids whose acknowledgement was never sent."""
+        with contextlib.suppress(Exception):  # on failure the ids are due again; the caller sends them
+            while self._in_flight:
                 await self.receive()
         if self._connection is not None:
             connection, self._connection = self._connection, None

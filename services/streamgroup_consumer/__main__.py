@@ -40,7 +40,7 @@ class Consumer:
         start = streams.HISTORY
         while True:
             deliveries = NO_REDELIVERIES
-            if reader.awaiting_reply:  # read ahead while the last batch was handled
+            if reader.reads_in_flight:  # read ahead while the last batch was handled
                 entries = await reader.receive()
             elif service.stopping.is_set():
                 return
@@ -55,11 +55,16 @@ class Consumer:
                 entries = await reader.receive()
             if not entries or service.grace_expired.done():
                 continue  # (entries read ahead but not started stay pending; close() hands them off)
-            if start == streams.NEW and not service.stopping.is_set() and self._may_read_ahead(len(entries)):
-                await reader.send(streams.NEW, block_ms=None)
+            read_ahead = start == streams.NEW and self._may_read_ahead(len(entries))
+            if read_ahead and not reader.reads_in_flight:
+                await reader.send(streams.NEW, block_ms=None)  # Redis fills it while this batch is handled
             began = time.perf_counter()
             reader.acknowledge(await self._worker.handle(entries, deliveries, service.grace_expired))
             self._last_batch_seconds = time.perf_counter() - began
+            if read_ahead and self._may_read_ahead(len(entries)):
+                # The next read goes out (with these acknowledgements) before the reply to the one
+                # in flight is taken, so Redis goes on working while that reply is parsed.
+                await reader.send(streams.NEW, block_ms=None)
 
     async def _read_history(self, start: str) -> tuple[list[Entry], dict[str, int]]:
         """This consumer's own pending entries after `start`, and how often each was delivered."""
@@ -68,11 +73,14 @@ class Consumer:
         return entries, await streams.delivery_counts(self._service.client, self._service.keys, self._name, entries)
 
     def _may_read_ahead(self, entries_read: int) -> bool:
-        """A full batch means more is waiting; read it while this one is handled."""
+        """A full batch means more is waiting; read it while this one is handled. At most one batch
+        is held besides the one in the handler."""
         return (
             self._read_ahead
             and entries_read >= self._service.settings.batch_size
             and self._last_batch_seconds < self._quick_batch_seconds
+            and self._reader.reads_in_flight < 2
+            and not self._service.stopping.is_set()
         )
 
     async def close(self) -> None:
