@@ -32,6 +32,7 @@ STAGES = (
 )
 OTHER = "the event loop itself, leases and bookkeeping"
 RATE = 250  # samples per second per thread
+PROFILE_SCALE = 4
 
 
 def profile_consumer(bench: Bench) -> None:
@@ -41,9 +42,10 @@ def profile_consumer(bench: Bench) -> None:
     if not Path(py_spy).exists():
         raise BenchError("needs py-spy (pip install -e '.[dev]')")
     s = bench.sizes
+    messages = s.messages * PROFILE_SCALE  # a few seconds' worth: enough samples to sort
     stream, group, name = "bench:profile", "g-profile", "c-profile"
     bench.r.delete(stream)
-    bench.fill(stream, s.messages)
+    bench.fill(stream, messages)
     bench.r.xgroup_create(stream, group, id="0")
     raw = bench.workdir / "profile.raw"
     env = service_env(
@@ -54,10 +56,10 @@ def profile_consumer(bench: Bench) -> None:
     argv = [py_spy, "record", *options, "--output", str(raw), "--", sys.executable, "-m", "streamgroup_consumer"]
     spy = Proc(argv, env, bench.log_path("profile"))
     try:
-        bench.time_group(stream, group, s.messages, [spy], timeout=600)
+        bench.time_group(stream, group, messages, [spy], timeout=600)
     finally:
         _stop_profiled_child(spy)
-    bench.verify_group(stream, group, s.messages)
+    bench.verify_group(stream, group, messages)
     bench.r.xgroup_destroy(stream, group)
     if not raw.exists():
         raise BenchError(f"py-spy wrote no profile: {spy.tail()}")
@@ -68,7 +70,7 @@ def profile_consumer(bench: Bench) -> None:
         "streamgroup": f"HANDLER=streamgroup.handlers:noop BATCH_SIZE={s.consumer_batch}",
     }
     for stage, count in shares:
-        bench.report.add(Result("profile", stage, 100.0 * count / total, "%", [], s.messages, True, f"{count} samples"))
+        bench.report.add(Result("profile", stage, 100.0 * count / total, "%", [], messages, True, f"{count} samples"))
 
 
 def _stop_profiled_child(spy: Proc) -> None:
