@@ -229,8 +229,8 @@ def markdown(report: Report, command: str, date: str, chart_name: str | None) ->
 # The consumer's optimisations in the order profiles (py-spy, as in the section above) led to
 # them; the rows of this run that show each one's worth are named.
 CHANGES = """
-Each step below came from a py-spy profile of the consumer at full speed, and each is still
-visible in this run:
+Each step below came from a py-spy profile of the consumer at full speed; the last two have rows
+of their own in this run:
 
 1. **Commands packed in C.** redis.asyncio packs commands in Python; an `XACK` of 1,000 ids cost a
    sixth of the consumer's CPU. The connections pack with hiredis instead.
