@@ -8,6 +8,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, AuthorizationError, DataError, ResponseError
 
 from streamgroup.errors import RedisRefusedError
@@ -26,6 +28,10 @@ def client_options(settings: Settings) -> dict[str, Any]:
         # A peer that vanished without closing the connection (a partition, a dead node) is noticed
         # by this, not by TCP keepalive's two hours; the consumer's reads add BLOCK_MS to it.
         "socket_timeout": settings.redis_timeout_ms / 1000.0,
+        # One retry at once, on a fresh connection (a pooled one the server closed while idle);
+        # beyond that the service's own loop backs off and reports. redis-py's default of ten
+        # retries with backoff would hide a silent Redis for ten timeouts.
+        "retry": Retry(NoBackoff(), 1),
     }
     if settings.redis_password_file is not None:
         options["password"] = read_password_file(settings.redis_password_file)

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     redis_ca_file: FilePath | None = None
     redis_cert_file: FilePath | None = None
     redis_key_file: FilePath | None = None
-    redis_timeout_ms: PositiveMs = 30_000
+    redis_timeout_ms: PositiveMs = 10_000
 
     # What to work on.
     stream: str = Field("messageStream", min_length=1)
