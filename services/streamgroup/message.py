@@ -30,12 +30,12 @@ class Message:
         fields: dict[str, str] | None,
         stream: str,
         deliveries: int = 1,
-        raw_fields: list[bytes] | None = None,
+        flat_fields: list[bytes] | None = None,  # [field, value, ...] as Redis sent them
     ) -> None:
-        if fields is None and raw_fields is None:
-            raise TypeError("a Message needs fields or raw_fields")
+        if fields is None and flat_fields is None:
+            raise TypeError("a Message needs fields or flat_fields")
         self.id, self.stream, self.deliveries = id, stream, deliveries
-        self._fields, self._raw = fields, raw_fields
+        self._fields, self._raw = fields, flat_fields
 
     @property
     def fields(self) -> dict[str, str]:
