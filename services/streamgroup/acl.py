@@ -39,7 +39,7 @@ COMMANDS: Mapping[str, tuple[str, ...]] = {
         "+xpending",  # delivery counts of history entries; inside the lease and hand-off scripts
         "+xclaim",  # lease renewal (XCLAIM ... JUSTID) and hand-off at shutdown, inside scripts
         "+xgroup|delconsumer",  # leaving the group at shutdown once holding nothing (script)
-        "+xadd",  # dead-letter stream, inside the dead-letter script (XADD, then XACK)
+        "+xadd",  # dead-letter stream: in the dead-letter script (XADD, then XACK), or direct for too wide an entry
         "+evalsha",  # the Lua scripts (streamgroup.scripts) ...
         "+script|load",  # ... loaded once per server when EVALSHA answers NOSCRIPT
     ),

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 
+from streamgroup import streams
 from streamgroup.keys import StreamKeys
 
 _ID_HELPERS = """
@@ -193,5 +194,5 @@ class Scripts:
             # Too wide for the script: the same two steps from here, in the same order. A crash
             # between them leaves the entry pending, so it is dead-lettered twice, never lost.
             await self._client.execute_command("XADD", keys.dead_letter, "*", *fields)
-            moved += await self._client.xack(keys.stream, keys.group, entry_id)
+            moved += await streams.ack(self._client, keys, [entry_id])
         return moved
