@@ -27,12 +27,12 @@ test: setup system-deps  ## run the whole test suite, as CI does
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup  ## check style without changing files
-	$(PY) -m ruff check services tests bench
-	$(PY) -m ruff format --check services tests bench
+	$(PY) -m ruff check services tests bench examples
+	$(PY) -m ruff format --check services tests bench examples
 
 format: setup  ## format and fix files
-	$(PY) -m ruff format services tests bench
-	$(PY) -m ruff check --fix services tests bench
+	$(PY) -m ruff format services tests bench examples
+	$(PY) -m ruff check --fix services tests bench examples
 
 bench: setup system-deps  ## run the benchmark suite and rewrite docs/benchmarks.md
 	$(PY) -m pip install -q -e '.[dev,bench]'
