@@ -105,6 +105,11 @@ class DevServer:
             self.process.kill()
             self.process.wait()
 
+    def close(self) -> None:
+        """Stop the server and remove its data directory (stop() keeps it, for a restart)."""
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
@@ -114,5 +119,4 @@ class DevServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        self.close()

@@ -1,6 +1,8 @@
 """`make run`: an embedded Valkey (unless STREAMGROUP_REDIS_URL is set), one producer, three
-consumers and the reclaimer as separate processes, with console logs. Ctrl-C stops all of them
-and prints a summary."""
+consumers and the reclaimer as separate processes, with console logs. The consumers run a quiet
+handler (`noop`, unless STREAMGROUP_HANDLER names another) and this prints one progress line every
+few seconds, read from Redis, so the services' URLs stay on screen. Ctrl-C stops all of them and
+prints a summary."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 from streamgroup import groupstats
 from streamgroup.connection import create_client
@@ -24,7 +27,10 @@ DEMO_DEFAULTS = {
     "STREAMGROUP_PRODUCER_INTERVAL_MS": "1000",
     "STREAMGROUP_CLAIM_MIN_IDLE_MS": "10000",
     "STREAMGROUP_RECLAIM_INTERVAL_MS": "2000",
+    # One log line per message would scroll everything else away; the progress line says it all.
+    "STREAMGROUP_HANDLER": "streamgroup.handlers:noop",
 }
+PROGRESS_EVERY_SECONDS = 5.0
 
 
 def _spawn(module: str, name: str, env: dict[str, str]) -> subprocess.Popen:
@@ -35,21 +41,42 @@ def _spawn(module: str, name: str, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", module], env=child_env, start_new_session=True)
 
 
-async def _summary(env: dict[str, str]) -> str:
+@dataclass(frozen=True, slots=True)
+class Totals:
+    produced: int
+    processed: int
+    pending: int
+    lag: int | None
+    dead_letters: int
+
+
+async def _totals(env: dict[str, str]) -> Totals:
     os.environ.update(env)
     settings = load_settings()
     client = create_client(settings)
     try:
         stats = await groupstats.collect(client, StreamKeys.from_settings(settings))
-        info = await client.xinfo_stream(settings.stream)
+        info = await client.xinfo_stream(settings.stream) if stats.group_exists else {}
     finally:
         await client.aclose()
     produced = int(info.get("entries-added", stats.stream_length))
+    # Read by the group and no longer pending: acknowledged, or moved to the dead-letter stream.
     processed = (stats.entries_read or 0) - stats.pending
-    return (
-        f"summary: produced {produced}, processed {processed}, pending {stats.pending}, "
-        f"lag {stats.lag}, dead letters {stats.dead_letter_length}"
+    return Totals(produced, processed, stats.pending, stats.lag, stats.dead_letter_length)
+
+
+def _progress(env: dict[str, str], before: Totals | None, seconds: float) -> tuple[str, Totals | None]:
+    try:
+        now = asyncio.run(_totals(env))
+    except Exception as exc:  # Redis busy or away: say so, try again next time
+        return f"progress: unavailable ({type(exc).__name__}: {exc})", before
+    rate = "" if before is None else f" ({(now.processed - before.processed) / seconds:.1f}/s)"
+    line = (
+        f"{time.strftime('%H:%M:%S')} progress: produced {now.produced}, processed {now.processed}{rate}, "
+        f"lag {now.lag if now.lag is not None else 'unknown'}, pending {now.pending}, "
+        f"dead letters {now.dead_letters}"
     )
+    return line, now
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -71,9 +98,15 @@ def main() -> None:
     children = [_spawn("streamgroup_reclaimer", "reclaimer", env)]
     children += [_spawn("streamgroup_consumer", f"consumer-{i}", env) for i in range(1, CONSUMERS + 1)]
     children.append(_spawn("streamgroup_producer", "producer", env))
+    print(f"progress every {PROGRESS_EVERY_SECONDS:g}s; in another terminal: streamgroup status --watch")
     try:
+        totals, last = None, time.monotonic()
         while not any(child.poll() not in (None, 0) for child in children):
             time.sleep(0.5)
+            if time.monotonic() - last >= PROGRESS_EVERY_SECONDS:
+                line, totals = _progress(env, totals, time.monotonic() - last)
+                last = time.monotonic()
+                print(line, flush=True)
         print("a service failed; stopping the rest", file=sys.stderr)
     except KeyboardInterrupt:
         print("\nstopping: producer first, then consumers and reclaimer")
@@ -86,10 +119,14 @@ def main() -> None:
             child.wait()
     codes = [child.returncode for child in children]
     try:
-        print(asyncio.run(_summary(env)))
+        final = asyncio.run(_totals(env))
+        print(
+            f"summary: produced {final.produced}, processed {final.processed}, pending {final.pending}, "
+            f"lag {final.lag}, dead letters {final.dead_letters}"
+        )
     finally:
         if server is not None:
-            server.stop()
+            server.close()  # and its temporary data directory with it
     sys.exit(0 if all(code == 0 for code in codes) else 1)
 
 
