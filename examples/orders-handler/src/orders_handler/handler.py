@@ -15,7 +15,9 @@ can wait in the stream or the dead-letter stream before it is handled or replaye
 
 Configuration (plain variables: STREAMGROUP_* names are reserved for streamgroup, which rejects
 names it does not know):
-  ORDERS_REDIS_URL          where the revenue is kept; default: STREAMGROUP_REDIS_URL
+  ORDERS_REDIS_URL          where the revenue is kept; default: STREAMGROUP_REDIS_URL, with the
+                            password from STREAMGROUP_REDIS_PASSWORD_FILE when that is set (as
+                            the Helm chart does)
   ORDERS_DEDUP_TTL_SECONDS  how long an order id is remembered; default 604800
 """
 
@@ -52,7 +54,12 @@ def _apply_once() -> redis.commands.core.Script:
             url = os.environ.get("ORDERS_REDIS_URL") or os.environ.get("STREAMGROUP_REDIS_URL")
             if not url:
                 raise RuntimeError("set ORDERS_REDIS_URL (or STREAMGROUP_REDIS_URL)")
-            client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+            options: dict = {"socket_timeout": 10, "socket_connect_timeout": 5}
+            password_file = os.environ.get("STREAMGROUP_REDIS_PASSWORD_FILE")
+            if password_file and not os.environ.get("ORDERS_REDIS_URL"):
+                with open(password_file, encoding="utf-8") as secret:
+                    options["password"] = secret.read().rstrip("\r\n")
+            client = redis.Redis.from_url(url, **options)
             _script = client.register_script(APPLY_ONCE)
         return _script
 
