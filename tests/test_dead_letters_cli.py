@@ -13,8 +13,8 @@ import time
 
 import redis
 
-from support.accounting import GROUP, STREAM
-from support.processes import service_env
+from support.accounting import GROUP, STREAM, group_info
+from support.processes import service_env, wait_for
 
 DEAD = f"{STREAM}:dead"
 
@@ -200,3 +200,28 @@ def test_an_interrupted_replay_run_again_replays_every_entry_exactly_once(redis_
     assert sorted(numbers) == list(range(total)), "every entry exactly once in the source stream"
     assert r.xlen(DEAD) == 0
     assert all(set(fields) == {"n"} for _, fields in r.xrange(STREAM, count=100)), "bookkeeping stripped"
+
+
+def test_dead_lettered_by_a_consumer_then_replayed_and_handled(redis_url, r, services) -> None:
+    """The on-call path: a handler bug dead-letters messages; after the fix, replay brings them back."""
+    for serial in range(1, 11):
+        r.xadd(STREAM, {"producer": "1", "serial": str(serial)})
+    buggy = services.start("consumer", name="buggy", HANDLER="support.handlers:poison_some", TESTHANDLER_FAIL_MOD=2)
+    wait_for(lambda: r.xlen(DEAD) == 5 and group_info(r)["pending"] == 0, timeout=60, what="5 dead letters")
+    buggy.signal(signal.SIGTERM)
+    buggy.process.wait(30)
+
+    listed = json.loads(_cli(redis_url, "list", "--json").stdout)
+    assert sorted(int(dict(e["fields"])["serial"]) for e in listed) == [2, 4, 6, 8, 10]
+    assert all("cannot ever handle this" in e["error"] for e in listed)
+
+    result = _cli(redis_url, "replay", "--match", "cannot ever handle", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert "replayed 5" in result.stdout
+    services.start("consumer", name="fixed", HANDLER="support.handlers:record_fields")
+    wait_for(lambda: group_info(r)["entries-read"] == 15 and group_info(r)["pending"] == 0, timeout=60, what="replayed")
+    replayed = [entry_id for entry_id, _ in r.xrange(STREAM)][10:]
+    handled = [json.loads(r.get(f"fields:{entry_id}")) for entry_id in replayed]
+    assert sorted(int(fields["serial"]) for fields in handled) == [2, 4, 6, 8, 10]
+    assert all(set(fields) == {"producer", "serial"} for fields in handled), handled
+    assert r.xlen(DEAD) == 0
