@@ -111,10 +111,10 @@ def _status_json(stats: groupstats.GroupStats, reclaimer_pattern: str) -> str:
 # ----------------------------------------------------------------------------- status
 
 
-async def _missing(client: aioredis.Redis, stats: groupstats.GroupStats) -> str | None:
+def _missing(stats: groupstats.GroupStats) -> str | None:
     if stats.group_exists:
         return None
-    if not await client.exists(stats.stream):
+    if not stats.stream_exists:
         return f"stream {stats.stream!r} does not exist"
     return f"group {stats.group!r} does not exist on stream {stats.stream!r}"
 
@@ -124,7 +124,7 @@ async def status(client: aioredis.Redis, keys: StreamKeys, args: argparse.Namesp
         return await _watch(client, keys, args)
     stats = await groupstats.collect(client, keys)
     print(_status_json(stats, args.reclaimer) if args.json else _status_table(stats, args.reclaimer))
-    problem = await _missing(client, stats)
+    problem = _missing(stats)
     if problem:
         raise CommandError(problem, EXIT_NOT_FOUND)
     return 0
@@ -139,7 +139,7 @@ async def _watch(client: aioredis.Redis, keys: StreamKeys, args: argparse.Namesp
         try:
             stats = await groupstats.collect(client, keys)
             body = _status_json(stats, args.reclaimer) if args.json else _status_table(stats, args.reclaimer)
-            problem = await _missing(client, stats)
+            problem = _missing(stats)
             if problem:
                 body += f"\n\nnote: {problem}"
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:

@@ -33,6 +33,7 @@ class GroupStats:
     entries_read: int | None
     dead_letter_length: int
     consumers: list[ConsumerStats] = field(default_factory=list)
+    stream_exists: bool = True
 
     def active_consumers(self, within_seconds: float, besides: str = "") -> int:
         """Consumers seen within the last `within_seconds`, not counting `besides` (the reclaimer)."""
@@ -58,7 +59,8 @@ async def collect(client: aioredis.Redis, keys: StreamKeys) -> GroupStats:
         if isinstance(reply, Exception):
             raise reply
     group = None
-    if not isinstance(groups, ResponseError):  # "no such key": the stream does not exist yet
+    stream_exists = not isinstance(groups, ResponseError)  # "no such key": the stream does not exist yet
+    if stream_exists:
         group = next((g for g in groups if _text(g["name"]) == keys.group), None)
     if group is None:
         return GroupStats(
@@ -73,6 +75,7 @@ async def collect(client: aioredis.Redis, keys: StreamKeys) -> GroupStats:
             None,
             None,
             dead_letter_length,
+            stream_exists=stream_exists,
         )
 
     async with client.pipeline(transaction=False) as pipe:
