@@ -225,3 +225,13 @@ def test_dead_lettered_by_a_consumer_then_replayed_and_handled(redis_url, r, ser
     assert sorted(int(fields["serial"]) for fields in handled) == [2, 4, 6, 8, 10]
     assert all(set(fields) == {"producer", "serial"} for fields in handled), handled
     assert r.xlen(DEAD) == 0
+
+
+def test_an_entry_too_wide_for_the_script_is_replayed_whole(redis_url, r) -> None:
+    raw = redis.Redis.from_url(redis_url)
+    original = [part for n in range(4_000) for part in (f"f{n}".encode(), str(n).encode())]  # 8,000 items
+    entry = _dead_letter(r, original, "1700000000000-0", "boom")
+    result = _cli(redis_url, "replay", entry, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert _flat(raw, STREAM) == [original]
+    assert r.xlen(DEAD) == 0
