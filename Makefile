@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps run test lint format bench status clean
+.PHONY: help setup system-deps run test lint format bench status dist clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -46,6 +46,9 @@ format: setup  ## format and fix files
 bench: setup system-deps  ## run the benchmark suite and rewrite docs/benchmarks.md
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m bench
+
+dist: setup  ## build the wheel and the sdist into dist/ (tests/test_packaging.py installs and runs them)
+	$(PY) -m build --outdir dist .
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache build dist services/*.egg-info
