@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
@@ -101,10 +102,8 @@ def _status_json(stats: groupstats.GroupStats, reclaimer_pattern: str) -> str:
     if not stats.pending:
         document["oldest_pending_age_seconds"] = None
     consumers, reclaimers = _split_reclaimers(stats.consumers, reclaimer_pattern)
-    document["consumers"] = [{"name": c.name, "pending": c.pending, "idle_seconds": c.idle_seconds} for c in consumers]
-    document["reclaimers"] = [
-        {"name": c.name, "pending": c.pending, "idle_seconds": c.idle_seconds} for c in reclaimers
-    ]
+    document["consumers"] = [asdict(c) for c in consumers]
+    document["reclaimers"] = [asdict(c) for c in reclaimers]
     return json.dumps(document, indent=2)
 
 
@@ -286,6 +285,13 @@ async def _run(command: Command, args: argparse.Namespace) -> int:
         await client.aclose()
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"between 0.1 and 3600 seconds, not {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamgroup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -306,7 +312,7 @@ def _parser() -> argparse.ArgumentParser:
     status_parser.add_argument(
         "--watch",
         nargs="?",
-        type=float,
+        type=_seconds,
         const=2.0,
         metavar="SECONDS",
         help="refresh every SECONDS (default 2) until Ctrl-C",
