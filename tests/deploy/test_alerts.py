@@ -187,6 +187,23 @@ def test_dashboard_shows_what_operators_need():
             assert f"histogram_quantile({quantile}, sum by (stream, group, le) (rate({histogram}_bucket" in exprs
 
 
+def test_dashboard_picks_a_release_and_never_adds_up_reclaimer_gauges():
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"namespace", "job", "stream", "group"} <= variables
+    for query in _dashboard_queries():
+        if "label_values" in query or query.startswith("streamgroup_stream_length{component"):
+            continue
+        assert 'job=~"$job"' in query or "namespace" not in query, query
+        gauge = 'component="reclaimer"' in query and "rate(" not in query and "increase(" not in query
+        # Two reclaimers (a rollout, or replicas: 2) export the same gauge twice: max, not sum.
+        assert not (gauge and query.startswith("sum")), query
+    dead = [q for q in _dashboard_queries() if "streamgroup_messages_dead_lettered_total" in q]
+    assert dead and all("component=" not in q for q in dead), "consumers dead-letter too"
+    idle = [q for q in _dashboard_queries() if "streamgroup_group_oldest_pending_idle_seconds" in q]
+    assert idle
+
+
 def _exported_names() -> set[str]:
     """Every series name the services' metrics registry exposes."""
     metrics = Metrics("s", "g", group_level=True)

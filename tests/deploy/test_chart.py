@@ -533,11 +533,20 @@ def test_network_policy_lets_only_the_release_reach_redis(renders):
     assert policy["spec"]["ingress"][0]["ports"] == [{"port": "redis", "protocol": "TCP"}]
 
 
-def test_dashboard_configmap_carries_the_repository_json(renders):
+def test_dashboard_configmap_carries_the_repository_json_with_a_uid_per_release(renders):
     config_map = one(renders("everything-on-values"), "ConfigMap", "rel-streamgroup-dashboard")
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     shipped = json.loads((CHART / "dashboards" / "streamgroup.json").read_text())
-    assert json.loads(config_map["data"]["streamgroup.json"]) == shipped
+    rendered = json.loads(config_map["data"]["streamgroup.json"])
+    assert rendered["title"] == "streamgroup streamgroup/rel-streamgroup"
+    assert {**rendered, "uid": shipped["uid"], "title": shipped["title"]} == shipped
+    with helm.Chart.load(CHART) as chart:
+        other = chart.render({"grafanaDashboard": {"enabled": True}}, name="rel2", namespace="streamgroup")
+    other_uid = json.loads(
+        yaml.safe_load(other["streamgroup/templates/grafana-dashboard.yaml"])["data"]["streamgroup.json"]
+    )["uid"]
+    assert len({rendered["uid"], other_uid, shipped["uid"]}) == 3
+    assert len(rendered["uid"]) <= 40  # Grafana's limit
 
 
 def test_values_yaml_parses_to_the_chart_defaults():
