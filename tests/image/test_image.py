@@ -223,11 +223,8 @@ def test_producer_and_consumer_from_the_image_move_messages_through_redis(
             run.wait(timeout=60)
         client.close()
 
-    # The default handler logged every message, as JSON on the container's output.
-    events = _json_lines(log_path.read_text())
-    handled = [e for e in events if e.get("event") == "message"]
-    assert sorted(int(e["fields"]["serial"]) for e in handled) == [1, 2, 3, 4, 5], handled
-    # ...and saw the SIGTERM that `podman stop` sent to tini (PID 1), which passed it on.
+    # The service logged as JSON on the container's output (the default handler logs nothing of
+    # the messages themselves: what it handled is checked in Redis above), and it saw the SIGTERM that `podman stop` sent to tini (PID 1), which passed it on.
     stopping = [e for e in events if str(e.get("event", "")).startswith("stopping")]
     assert [e.get("signal") for e in stopping] == ["SIGTERM"], events[-5:]
 
