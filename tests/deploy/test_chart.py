@@ -552,3 +552,58 @@ def test_dashboard_configmap_carries_the_repository_json_with_a_uid_per_release(
 def test_values_yaml_parses_to_the_chart_defaults():
     with helm.Chart.load(CHART) as chart:
         assert chart.values == yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def test_pods_carry_the_recommended_labels_common_labels_and_the_image_version():
+    objects = render({"commonLabels": {"team": "data"}, "image": {"tag": "1.4.2"}, "podLabels": {"tier": "queue"}})
+    pods = [o for o in objects if o["kind"] in ("Deployment", "StatefulSet")]
+    assert len(pods) == 3  # consumer, reclaimer, redis
+    for obj in pods:
+        labels = obj["spec"]["template"]["metadata"]["labels"]
+        for key in ("name", "instance", "component", "part-of", "managed-by"):
+            assert f"app.kubernetes.io/{key}" in labels, (obj["metadata"]["name"], key)
+        assert labels["app.kubernetes.io/version"] == "1.4.2"
+        assert labels["helm.sh/chart"] == "streamgroup-0.2.0"
+        assert labels["team"] == "data" and labels["tier"] == "queue"
+        assert obj["metadata"]["labels"]["app.kubernetes.io/version"] == "1.4.2"
+    # Without a tag the version is the chart's appVersion.
+    deployment = one(render(), "Deployment", component_name("consumer"))
+    assert deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/version"] == "0.1.0"
+
+
+def test_pod_disruption_budgets_let_unhealthy_pods_go(renders):
+    budgets = find(renders("everything-on-values"), "PodDisruptionBudget")
+    assert budgets and all(b["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow" for b in budgets)
+
+
+def test_components_take_sidecars_init_containers_volumes_and_scheduling_settings():
+    extra = {
+        "priorityClassName": "high",
+        "strategy": {"type": "Recreate"},
+        "startupProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "failureThreshold": 30},
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", "1"]}}},
+        "extraVolumes": [{"name": "certs", "secret": {"secretName": "handler-certs"}}],
+        "extraVolumeMounts": [{"name": "certs", "mountPath": "/etc/handler-certs", "readOnly": True}],
+        "sidecars": [{"name": "proxy", "image": "envoyproxy/envoy:v1.31.0"}],
+        "initContainers": [{"name": "wait", "image": "busybox:1.36", "command": ["true"]}],
+    }
+    deployment = one(render({"reclaimer": extra}), "Deployment", component_name("reclaimer"))
+    pod = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert pod["priorityClassName"] == "high"
+    assert [c["name"] for c in pod["containers"]] == ["reclaimer", "proxy"]
+    assert [c["name"] for c in pod["initContainers"]] == ["wait"]
+    service = pod["containers"][0]
+    assert service["startupProbe"]["failureThreshold"] == 30
+    assert service["lifecycle"] == extra["lifecycle"]
+    assert {"name": "certs", "mountPath": "/etc/handler-certs", "readOnly": True} in service["volumeMounts"]
+    assert {"name": "certs", "secret": {"secretName": "handler-certs"}} in pod["volumes"]
+    with pytest.raises(helm.HelmValuesError, match="command"):
+        render({"consumer": {"command": ["streamgroup-consumer"]}})
+
+
+def test_notes_point_to_no_repository_path():
+    notes = render_templates({"producer": {"enabled": True}})["streamgroup/templates/NOTES.txt"]
+    assert "docs/" not in notes.replace("/docs/runbook.md", "")
+    assert "https://" in notes
+    assert "load-generating producer is on" in notes
