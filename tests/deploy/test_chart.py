@@ -607,3 +607,19 @@ def test_notes_point_to_no_repository_path():
     assert "docs/" not in notes.replace("/docs/runbook.md", "")
     assert "https://" in notes
     assert "load-generating producer is on" in notes
+
+
+def test_redis_exporter_is_scraped_and_admitted(renders):
+    objects = renders("everything-on-values")
+    monitor = one(objects, "PodMonitor")
+    assert "redis" in monitor["spec"]["selector"]["matchExpressions"][0]["values"]
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics", "redis-metrics"]
+    policy = one(objects, "NetworkPolicy", component_name("redis"))
+    rule = next(r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "redis-metrics")
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert (
+        "redis"
+        not in one(render({"metrics": {"podMonitor": {"enabled": True}}}), "PodMonitor")["spec"]["selector"][
+            "matchExpressions"
+        ][0]["values"]
+    )
