@@ -232,6 +232,11 @@ def _run_release(podman, image: str, kube_redis: Redis, tmp_path: Path, values_n
     plays = [(f"{RELEASE}-consumer-a", "consumer"), (f"{RELEASE}-consumer-b", "consumer"),
              (f"{RELEASE}-producer", "producer"), (f"{RELEASE}-reclaimer", "reclaimer")]  # fmt: skip
     played: list[Played] = []
+    # Pods an interrupted earlier run may have left behind would make `kube play` refuse the names.
+    for name, _ in plays:
+        leftovers = podman.run("pod", "ps", "--quiet", "--filter", f"name=^{name}-pod", check=False).stdout.split()
+        for pod_id in leftovers:
+            podman.run("pod", "rm", "--force", pod_id, check=False, timeout=120)
     try:
         played = _play(podman, objects, tmp_path, plays)
         consumers = [p for p in played if p.component == "consumer"]
