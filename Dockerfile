@@ -10,11 +10,18 @@
 # official python:3.12-slim (/usr/local/bin/python3) and plain Debian with python3-venv
 # (/usr/bin/python3, used as a stand-in base in CI, see tests/image/) work, because every step
 # calls `python3` and works inside a venv.
-ARG PYTHON_BASE=python:3.12-slim
+#
+# Pinned by digest (the tag only documents it): the same bytes on every build. To refresh, e.g.
+# for a security update of the base: `skopeo inspect --format '{{.Digest}}'
+# docker://docker.io/library/python:3.12-slim` (or `crane digest ...`), put the digest here,
+# rebuild, run the image tests (docs/image.md).
+ARG PYTHON_BASE=docker.io/library/python:3.12-slim@sha256:78387bc3881b8273120a12ebe6c1ab22b018ccc2c9adf565ae1ac9b536e184ea
 
 # ---------------------------------------------------------------------------------------------
-# builder: the wheels of the project and of all its runtime dependencies, installed from those
-# wheels alone into the venv /opt/streamgroup that the runtime stage copies.
+# builder: the runtime dependencies from the hashed lock file requirements/image.txt (pip refuses
+# any file whose hash is not in it) and the project's own wheel, into the venv /opt/streamgroup
+# that the runtime stage copies. The lock files are made by `make image-lock` (uv, from
+# pyproject.toml).
 FROM ${PYTHON_BASE} AS builder
 
 # Optional: path (inside the build) of a CA bundle for pip; unset, pip uses its own bundle.
@@ -26,18 +33,22 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python3 -m venv /opt/build-venv
 
 WORKDIR /src
+COPY requirements/build.txt requirements/image.txt ./requirements/
+# The build backend (setuptools, wheel), hashed too; the project's wheel is built with it and
+# without build isolation, so nothing unhashed is fetched.
+RUN /opt/build-venv/bin/pip install --require-hashes --no-deps --only-binary=:all: -r requirements/build.txt
+
+# The locked dependencies: published wheels only (hiredis and pydantic-core included), each
+# checked against its hash; byte-compiled at install time so a read-only root filesystem costs
+# nothing. The venv refers to the base's python3 by path, which the runtime stage (same base) has.
+RUN python3 -m venv /opt/streamgroup \
+    && /opt/streamgroup/bin/pip install --require-hashes --no-deps --only-binary=:all: -r requirements/image.txt
+
 COPY pyproject.toml README.md ./
 COPY services ./services
-# --prefer-binary: use the dependencies' published wheels (hiredis included) rather than
-# compiling them; the project's own wheel is built from source with setuptools.
-RUN /opt/build-venv/bin/pip wheel --prefer-binary --wheel-dir /wheels . \
-    && ls -l /wheels
-
-# Install the wheels (--no-index: nothing else) into a clean venv, byte-compiled at install time
-# so a read-only root filesystem costs nothing; then drop pip and setuptools from it. The venv
-# refers to the base's python3 by path, which the runtime stage (same base) has too.
-RUN python3 -m venv /opt/streamgroup \
-    && /opt/streamgroup/bin/pip install --no-index --find-links /wheels streamgroup \
+RUN /opt/build-venv/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
+    && /opt/streamgroup/bin/pip install --no-deps --no-index /wheels/streamgroup-*.whl \
+    && /opt/streamgroup/bin/pip check \
     && /opt/streamgroup/bin/pip uninstall -y pip setuptools
 
 # ---------------------------------------------------------------------------------------------

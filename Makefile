@@ -32,7 +32,7 @@ system-deps:  ## install the Debian packages the tests need (.ci/apt-packages)
 run: $(VENV)/.run-installed  ## run producer, 3 consumers and reclaimer against an embedded Valkey (or $$STREAMGROUP_REDIS_URL)
 	$(PY) -m streamgroup.devstack
 
-test: setup system-deps  ## run the whole test suite, as CI does
+test: setup system-deps chart-tools  ## run the whole test suite, as CI does
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup  ## check style without changing files
@@ -52,3 +52,28 @@ dist: setup  ## build the wheel and the sdist into dist/ (tests/test_packaging.p
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache build dist services/*.egg-info
+
+# --- chart and image tooling -------------------------------------------------------------------
+UV_VERSION ?= 0.13.9
+CHECKOV_VERSION ?= 3.3.30
+README_GENERATOR := .ci/readme-generator/node_modules/.bin/readme-generator
+
+.PHONY: image-lock chart-tools chart-readme
+
+image-lock: setup  ## regenerate the image's hashed lock files (requirements/*.txt) from pyproject.toml with uv
+	$(PY) -m pip install -q uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip compile pyproject.toml --generate-hashes --universal --python-version 3.11 --no-header -o requirements/image.txt
+	$(VENV)/bin/uv pip compile requirements/build.in --generate-hashes --universal --python-version 3.11 --no-header -o requirements/build.txt
+
+$(VENV)/checkov/bin/checkov:  # checkov in a venv of its own: its pins clash with the dev tools'
+	$(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install -q checkov==$(CHECKOV_VERSION)
+
+$(README_GENERATOR): .ci/readme-generator/package.json .ci/readme-generator/package-lock.json
+	cd .ci/readme-generator && npm ci --no-audit --no-fund
+	touch $@
+
+chart-tools: $(VENV)/checkov/bin/checkov $(README_GENERATOR)  ## checkov and the values README generator (pinned), for the chart tests
+
+chart-readme: chart-tools  ## regenerate deploy/helm/streamgroup/README.md from the annotated values.yaml
+	$(README_GENERATOR) --values deploy/helm/streamgroup/values.yaml --readme deploy/helm/streamgroup/README.md

@@ -20,7 +20,7 @@ UNIT_TESTS = Path(__file__).parent / "prometheus" / "alerts_test.yaml"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 DASHBOARD = CHART / "dashboards" / "streamgroup.json"
 ALERTS = {
-    "StreamgroupPendingHigh", "StreamgroupOldestPendingTooOld", "StreamgroupLagGrowing",
+    "StreamgroupRedisDown", "StreamgroupPendingHigh", "StreamgroupStuckPending", "StreamgroupLagGrowing",
     "StreamgroupNoActiveConsumer", "StreamgroupDeadLettersIncreasing", "StreamgroupLagUnknown",
     "StreamgroupReclaimerDown",
 }  # fmt: skip
@@ -68,7 +68,7 @@ def test_unit_tests_cover_every_alert_both_ways():
 
 def test_unit_tests_fail_when_a_threshold_is_wrong(promtool, tmp_path):
     """The unit tests really pin the rules: a lower pending threshold fires too early."""
-    _write_rules(tmp_path, alert_rule_groups({"prometheusRule": {"rules": {"pendingHigh": {"threshold": 400}}}}))
+    _write_rules(tmp_path, alert_rule_groups({"prometheusRule": {"rules": {"pendingHigh": {"threshold": 300}}}}))
     shutil.copy(UNIT_TESTS, tmp_path / UNIT_TESTS.name)
     result = _promtool(promtool, "test", "rules", UNIT_TESTS.name, cwd=tmp_path)
     assert result.returncode != 0
@@ -89,10 +89,30 @@ def test_thresholds_and_durations_come_from_values():
 
 
 def test_selector_picks_the_release_series():
-    default = _rules(alert_rule_groups())[0]["expr"]
-    assert 'job="streamgroup/rel-streamgroup", component="reclaimer"' in default
-    custom = _rules(alert_rule_groups({"prometheusRule": {"selector": 'cluster="eu", app="orders"'}}))[0]["expr"]
+    default = _rule("StreamgroupPendingHigh")["expr"]
+    assert 'job="streamgroup/rel-streamgroup", namespace="streamgroup", component="reclaimer"' in default
+    custom = _rule("StreamgroupPendingHigh", {"prometheusRule": {"selector": 'cluster="eu", app="orders"'}})["expr"]
     assert 'cluster="eu", app="orders", component="reclaimer"' in custom
+
+
+def _rule(alert: str, values: dict | None = None) -> dict:
+    return next(r for r in _rules(alert_rule_groups(values)) if r["alert"] == alert)
+
+
+def test_pending_threshold_follows_the_most_consumers_and_their_batches():
+    """Each busy consumer holds up to two batches: 10 KEDA pods x 2 x 100 = 2000 pending is normal."""
+    keda = {"consumer": {"autoscaling": {"keda": {"enabled": True, "maxReplicaCount": 10}}}}
+    assert _rule("StreamgroupPendingHigh", keda)["expr"].endswith("> 2000")
+    hpa = {"consumer": {"autoscaling": {"hpa": {"enabled": True, "maxReplicas": 4}}}, "config": {"batchSize": 50}}
+    assert _rule("StreamgroupPendingHigh", hpa)["expr"].endswith("> 400")
+    assert _rule("StreamgroupPendingHigh", {"consumer": {"replicas": 3}})["expr"].endswith("> 600")
+
+
+def test_stuck_pending_compares_idle_time_with_the_claim_window():
+    rule = _rule("StreamgroupStuckPending", {"config": {"claimMinIdleMs": 300000, "reclaimIntervalMs": 10000}})
+    assert "streamgroup_group_oldest_pending_idle_seconds" in rule["expr"]
+    assert "oldest_pending_age" not in rule["expr"]
+    assert rule["expr"].endswith("> 320")
 
 
 def _anchors(markdown: str) -> set[str]:
@@ -165,6 +185,23 @@ def test_dashboard_shows_what_operators_need():
     for quantile in ("0.5", "0.95", "0.99"):
         for histogram in ("streamgroup_message_processing_seconds", "streamgroup_end_to_end_latency_seconds"):
             assert f"histogram_quantile({quantile}, sum by (stream, group, le) (rate({histogram}_bucket" in exprs
+
+
+def test_dashboard_picks_a_release_and_never_adds_up_reclaimer_gauges():
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"namespace", "job", "stream", "group"} <= variables
+    for query in _dashboard_queries():
+        if "label_values" in query or query.startswith("streamgroup_stream_length{component"):
+            continue
+        assert 'job=~"$job"' in query or "namespace" not in query, query
+        gauge = 'component="reclaimer"' in query and "rate(" not in query and "increase(" not in query
+        # Two reclaimers (a rollout, or replicas: 2) export the same gauge twice: max, not sum.
+        assert not (gauge and query.startswith("sum")), query
+    dead = [q for q in _dashboard_queries() if "streamgroup_messages_dead_lettered_total" in q]
+    assert dead and all("component=" not in q for q in dead), "consumers dead-letter too"
+    idle = [q for q in _dashboard_queries() if "streamgroup_group_oldest_pending_idle_seconds" in q]
+    assert idle
 
 
 def _exported_names() -> set[str]:

@@ -1,6 +1,6 @@
 """End to end: a real Prometheus (Debian's package) scrapes the real services on loopback and
 evaluates the chart's rendered alert rules. Stopping the consumers makes the lag and no-consumer alerts fire;
-starting them again resolves them."""
+starting them again resolves them. Stopping Redis then pages: the Redis-down and reclaimer-down alerts fire."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ RULE_VALUES = {
         "rules": {
             "lagGrowing": {"threshold": 30, "window": "15s", "for": "2s"},
             "noActiveConsumer": {"for": "2s"},
+            "redisDown": {"for": "3s"},
+            "reclaimerDown": {"for": "3s"},
         }
     }
 }
@@ -145,6 +147,22 @@ def test_stopping_consumers_fires_the_lag_alerts_and_restarting_resolves_them(va
         wait_for(lambda: (prometheus.value(active) or 0) >= 1, timeout=30, interval=0.5, what="consumers active again")
         wait_for(lambda: not prometheus.alerts(), timeout=60, interval=0.5, what="alerts resolved")
         assert (prometheus.value(f'streamgroup_group_lag{{job="{JOB}", component="reclaimer"}}') or 0) < 30
+
+        # Redis goes away: every process reports redis_connected 0 and keeps serving /metrics.
+        valkey.stop()
+
+        def redis_down_firing() -> dict | None:
+            alerts = prometheus.alerts()
+            wanted = ("StreamgroupRedisDown", "StreamgroupReclaimerDown")
+            return alerts if all(alerts.get(name) == "firing" for name in wanted) else None
+
+        wait_for(redis_down_firing, timeout=90, interval=0.5, what="Redis-down alerts firing")
+        # The scraped ones: reclaimer and producer (the restarted consumers are not Prometheus targets).
+        disconnected = prometheus.value(f'count(streamgroup_redis_connected{{job="{JOB}"}} == 0)')
+        assert disconnected == 2
+        firing = {a["labels"]["alertname"]: a for a in prometheus.api("alerts")["alerts"]}
+        assert firing["StreamgroupRedisDown"]["labels"]["namespace"] == NAMESPACE
+        assert firing["StreamgroupReclaimerDown"]["labels"]["namespace"] == NAMESPACE
     except BaseException:
         print(services.logs())
         if prometheus is not None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
+import subprocess
 
 import helm_python as helm
 import pytest
@@ -49,7 +52,8 @@ def test_ci_values_render_every_component(values_file):
     values = ci_values(values_file)
     objects = render(values)
     deployments = {d["metadata"]["name"] for d in find(objects, "Deployment")}
-    expected = {component_name(c) for c in COMPONENTS if values.get(c, {}).get("enabled", True)}
+    defaults = {"producer": False, "consumer": True, "reclaimer": True}
+    expected = {component_name(c) for c in COMPONENTS if values.get(c, {}).get("enabled", defaults[c])}
     assert deployments == expected
 
 
@@ -70,7 +74,12 @@ def test_ci_values_cover_the_optional_objects():
 
 def test_optional_objects_are_off_by_default(rendered_defaults):
     kinds = sorted({o["kind"] for o in rendered_defaults})
-    assert kinds == ["ConfigMap", "Deployment", "Pod", "Service", "ServiceAccount", "StatefulSet"]
+    assert kinds == ["ConfigMap", "Deployment", "Pod", "Secret", "Service", "ServiceAccount", "StatefulSet"]
+
+
+def test_the_load_generator_is_off_by_default_and_on_in_the_demo(rendered_defaults, renders):
+    assert find(rendered_defaults, "Deployment", component_name("producer")) == []
+    assert one(renders("demo-values"), "Deployment", component_name("producer"))
 
 
 def test_notes_tell_the_next_steps():
@@ -189,10 +198,15 @@ def _env(container):
     return {e["name"]: e for e in container.get("env", [])}
 
 
-def test_each_component_runs_its_command_with_its_own_labels(rendered_defaults):
+def test_each_component_runs_its_service_in_args_under_the_image_entrypoint(renders):
+    """`args` replace only the image's CMD: its ENTRYPOINT, tini, stays PID 1. A `command:` would
+    replace tini (issue 11.6)."""
+    objects = renders("demo-values")
     for component in COMPONENTS:
-        deployment = one(rendered_defaults, "Deployment", component_name(component))
-        assert _container(deployment)["command"] == [f"streamgroup-{component}"]
+        deployment = one(objects, "Deployment", component_name(component))
+        container = _container(deployment)
+        assert "command" not in container
+        assert container["args"] == [f"streamgroup-{component}"]
         selector = deployment["spec"]["selector"]["matchLabels"]
         assert selector["app.kubernetes.io/component"] == component
         assert deployment["metadata"]["labels"]["app.kubernetes.io/component"] == component
@@ -252,26 +266,32 @@ def test_every_container_is_locked_down(values_file):
                 assert "/tmp" in mounts, name
 
 
-def test_probes_use_healthz_and_readyz_on_the_metrics_port(rendered_defaults):
+def test_probes_use_healthz_and_readyz_on_the_metrics_port(renders):
     for component in COMPONENTS:
-        container = _container(one(rendered_defaults, "Deployment", component_name(component)))
+        container = _container(one(renders("demo-values"), "Deployment", component_name(component)))
         assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
         assert container["ports"] == [{"name": "metrics", "containerPort": 9180, "protocol": "TCP"}]
 
 
-def test_grace_period_outlasts_the_services_shutdown_grace(rendered_defaults):
-    config = one(rendered_defaults, "ConfigMap", "rel-streamgroup")["data"]
-    grace = float(config["STREAMGROUP_SHUTDOWN_GRACE_SECONDS"])
+def test_grace_period_covers_shutdown_grace_block_and_two_redis_timeouts(renders):
+    """A stopping consumer may wait out a block, finish within its grace, and spend two Redis
+    timeouts acknowledging and giving back its work: SIGKILL must not come before."""
+    settings = Settings()
     for component in COMPONENTS:
-        pod = one(rendered_defaults, "Deployment", component_name(component))["spec"]["template"]["spec"]
-        assert pod["terminationGracePeriodSeconds"] > grace
-    with pytest.raises(helm.HelmRenderError, match="terminationGracePeriodSeconds must be larger"):
-        render({"terminationGracePeriodSeconds": 20})
+        pod = one(renders("demo-values"), "Deployment", component_name(component))["spec"]["template"]["spec"]
+        needed = 20 + settings.block_ms / 1000 + 2 * settings.redis_timeout_ms / 1000
+        assert pod["terminationGracePeriodSeconds"] >= needed
+    with pytest.raises(helm.HelmRenderError, match=r"terminationGracePeriodSeconds \(41\) must be at least .* = 42 s"):
+        render({"terminationGracePeriodSeconds": 41})
+    render({"terminationGracePeriodSeconds": 42})
+    with pytest.raises(helm.HelmRenderError, match="terminationGracePeriodSeconds"):
+        render({"config": {"redisTimeoutMs": 30000}})
+    render({"terminationGracePeriodSeconds": 70, "config": {"shutdownGraceSeconds": 5, "redisTimeoutMs": 30000}})
 
 
 def test_consumer_replicas_follow_values():
-    objects = render({"consumer": {"replicas": 7}, "producer": {"replicas": 0}})
+    objects = render({"consumer": {"replicas": 7}, "producer": {"enabled": True, "replicas": 0}})
     assert one(objects, "Deployment", component_name("consumer"))["spec"]["replicas"] == 7
     assert one(objects, "Deployment", component_name("producer"))["spec"]["replicas"] == 0
 
@@ -312,7 +332,8 @@ def test_keda_triggers_watch_lag_and_pending_of_the_group(renders):
     for trigger in triggers:
         assert trigger["metadata"]["stream"] == "orders"
         assert trigger["metadata"]["consumerGroup"] == "order-workers"
-        assert trigger["metadata"]["address"] == "rel-streamgroup-redis:6379"
+        # KEDA's operator resolves names in its own namespace: the address names ours.
+        assert trigger["metadata"]["address"] == "rel-streamgroup-redis.streamgroup.svc:6379"
         assert trigger["authenticationRef"] == {"name": component_name("consumer")}
     assert lag["metadata"]["lagCount"] == "500"
     assert pending["metadata"]["pendingEntriesCount"] == "200"
@@ -336,10 +357,47 @@ def test_keda_address_comes_from_the_external_url():
     assert "authenticationRef" not in trigger
 
 
+def test_keda_address_gets_the_default_port_when_the_url_has_none():
+    objects = render(
+        {
+            "redis": {"bundled": {"enabled": False}, "external": {"url": "redis://cache.example/1"}},
+            "consumer": {"autoscaling": {"keda": {"enabled": True}}},
+        }
+    )
+    (trigger,) = one(objects, "ScaledObject")["spec"]["triggers"]
+    assert trigger["metadata"]["address"] == "cache.example:6379"
+
+
+def test_keda_gets_the_private_ca_client_certificate_and_acl_user(renders):
+    values = ci_values(CHART / "ci" / "external-redis-values.yaml")
+    values["consumer"]["autoscaling"] = {"keda": {"enabled": True}}
+    values["redis"]["auth"]["username"] = "streams"
+    objects = render(values)
+    config = one(objects, "ConfigMap", "rel-streamgroup")["data"]
+    assert config["STREAMGROUP_REDIS_URL"] == "rediss://streams@redis.example.internal:6380/2"
+    (trigger,) = one(objects, "ScaledObject")["spec"]["triggers"]
+    assert trigger["metadata"]["username"] == "streams"
+    assert trigger["metadata"]["enableTLS"] == "true"
+    assert trigger["authenticationRef"] == {"name": component_name("consumer")}
+    refs = one(objects, "TriggerAuthentication")["spec"]["secretTargetRef"]
+    assert {(r["parameter"], r["name"], r["key"]) for r in refs} == {
+        ("password", "redis-credentials", "redis-password"),
+        ("ca", "redis-tls", "ca.crt"),
+        ("cert", "redis-tls", "tls.crt"),
+        ("key", "redis-tls", "tls.key"),
+    }
+
+
+def test_keda_scale_to_zero_is_refused():
+    """KEDA maps an unknown (nil) lag to -1, "inactive": from zero replicas nothing would read again."""
+    with pytest.raises(helm.HelmRenderError, match="minReplicaCount: 0 is refused"):
+        render({"consumer": {"autoscaling": {"keda": {"enabled": True, "minReplicaCount": 0}}}})
+
+
 def test_bundled_redis_keeps_an_append_only_file_on_a_volume(rendered_defaults):
     redis = one(rendered_defaults, "StatefulSet", component_name("redis"))
     container = redis["spec"]["template"]["spec"]["containers"][0]
-    assert container["image"].startswith("docker.io/library/redis:")
+    assert re.fullmatch(r"docker\.io/library/redis:7\.4\.\d+@sha256:[0-9a-f]{64}", container["image"])
     args = container["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
     assert args[args.index("--dir") + 1] == "/data"
@@ -348,8 +406,70 @@ def test_bundled_redis_keeps_an_append_only_file_on_a_volume(rendered_defaults):
     assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
     service = one(rendered_defaults, "Service", component_name("redis"))
     assert service["spec"]["selector"] == redis["spec"]["selector"]["matchLabels"]
+    headless = one(rendered_defaults, "Service", redis["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == redis["spec"]["selector"]["matchLabels"]
     config = one(rendered_defaults, "ConfigMap", "rel-streamgroup")["data"]
-    assert config["STREAMGROUP_REDIS_URL"] == "redis://rel-streamgroup-redis:6379/0"
+    assert config["STREAMGROUP_REDIS_URL"] == "redis://rel-streamgroup-redis.streamgroup.svc:6379/0"
+
+
+@pytest.mark.parametrize(("limit", "maxmemory"), [("512Mi", 402653184), ("2Gi", 1610612736), ("1G", 750000000)])
+def test_bundled_redis_refuses_writes_before_its_memory_limit(limit, maxmemory):
+    objects = render({"redis": {"bundled": {"resources": {"limits": {"memory": limit}}}}})
+    args = one(objects, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--maxmemory") + 1] == str(maxmemory)
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    explicit = render({"redis": {"bundled": {"maxmemory": "100Mi"}}})
+    args = one(explicit, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--maxmemory") + 1] == str(100 * 1024 * 1024)
+
+
+def test_bundled_redis_gets_a_generated_password_the_services_and_keda_use(rendered_defaults, renders):
+    secret = one(rendered_defaults, "Secret", "rel-streamgroup-redis-password")
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert len(base64.b64decode(secret["data"]["password"])) == 32
+    redis = one(rendered_defaults, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    assert redis["args"][-2:] == ["--requirepass", "$(REDISCLI_AUTH)"]
+    assert _env(redis)["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"] == {
+        "name": "rel-streamgroup-redis-password",
+        "key": "password",
+    }
+    consumer = one(rendered_defaults, "Deployment", component_name("consumer"))["spec"]["template"]["spec"]
+    volume = next(v for v in consumer["volumes"] if v["name"] == "redis-password")
+    assert volume["secret"]["secretName"] == "rel-streamgroup-redis-password"
+    objects = render({"consumer": {"autoscaling": {"keda": {"enabled": True}}}})
+    assert one(objects, "TriggerAuthentication")["spec"]["secretTargetRef"] == [
+        {"parameter": "password", "name": "rel-streamgroup-redis-password", "key": "password"}
+    ]
+
+
+def test_bundled_redis_probes_fail_on_an_error_reply(rendered_defaults, tmp_path):
+    """redis-cli exits 0 on NOAUTH: the probes must compare the reply. Run each probe's shell
+    command with a stand-in redis-cli answering NOAUTH, LOADING or PONG."""
+    container = one(rendered_defaults, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    fake = tmp_path / "redis-cli"
+    outcomes = {}
+    for reply in ("PONG", "NOAUTH Authentication required.", "LOADING Redis is loading the dataset in memory"):
+        fake.write_text(f"#!/bin/sh\necho '{reply}'\n")
+        fake.chmod(0o755)
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            command = container[probe]["exec"]["command"]
+            env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+            code = subprocess.run(command, env=env, capture_output=True, timeout=10).returncode
+            outcomes[(probe, reply.split()[0])] = code == 0
+    assert outcomes == {
+        ("startupProbe", "PONG"): True, ("livenessProbe", "PONG"): True, ("readinessProbe", "PONG"): True,
+        ("startupProbe", "NOAUTH"): False, ("livenessProbe", "NOAUTH"): False, ("readinessProbe", "NOAUTH"): False,
+        ("startupProbe", "LOADING"): False, ("livenessProbe", "LOADING"): True, ("readinessProbe", "LOADING"): False,
+    }  # fmt: skip
+
+
+def test_redis_exporter_sidecar_is_pinned_and_authenticated(renders):
+    pod = one(renders("everything-on-values"), "StatefulSet")["spec"]["template"]["spec"]
+    exporter = next(c for c in pod["containers"] if c["name"] == "exporter")
+    assert re.fullmatch(r"quay\.io/oliver006/redis_exporter:v[\d.]+@sha256:[0-9a-f]{64}", exporter["image"])
+    assert _env(exporter)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "streamgroup-redis"
+    assert exporter["ports"] == [{"name": "redis-metrics", "containerPort": 9121, "protocol": "TCP"}]
 
 
 def test_external_redis_password_is_a_mounted_secret_file(renders):
@@ -387,7 +507,8 @@ def test_bundled_redis_with_password_requires_it(renders):
 def test_helm_test_hook_checks_redis_with_streamgroup_status(rendered_defaults):
     pod = one(rendered_defaults, "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
-    assert pod["spec"]["containers"][0]["command"] == ["streamgroup", "status"]
+    assert "command" not in pod["spec"]["containers"][0]
+    assert pod["spec"]["containers"][0]["args"] == ["streamgroup", "status"]
     assert pod["spec"]["restartPolicy"] == "Never"
 
 
@@ -412,13 +533,93 @@ def test_network_policy_lets_only_the_release_reach_redis(renders):
     assert policy["spec"]["ingress"][0]["ports"] == [{"port": "redis", "protocol": "TCP"}]
 
 
-def test_dashboard_configmap_carries_the_repository_json(renders):
+def test_dashboard_configmap_carries_the_repository_json_with_a_uid_per_release(renders):
     config_map = one(renders("everything-on-values"), "ConfigMap", "rel-streamgroup-dashboard")
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     shipped = json.loads((CHART / "dashboards" / "streamgroup.json").read_text())
-    assert json.loads(config_map["data"]["streamgroup.json"]) == shipped
+    rendered = json.loads(config_map["data"]["streamgroup.json"])
+    assert rendered["title"] == "streamgroup streamgroup/rel-streamgroup"
+    assert {**rendered, "uid": shipped["uid"], "title": shipped["title"]} == shipped
+    with helm.Chart.load(CHART) as chart:
+        other = chart.render({"grafanaDashboard": {"enabled": True}}, name="rel2", namespace="streamgroup")
+    other_uid = json.loads(
+        yaml.safe_load(other["streamgroup/templates/grafana-dashboard.yaml"])["data"]["streamgroup.json"]
+    )["uid"]
+    assert len({rendered["uid"], other_uid, shipped["uid"]}) == 3
+    assert len(rendered["uid"]) <= 40  # Grafana's limit
 
 
 def test_values_yaml_parses_to_the_chart_defaults():
     with helm.Chart.load(CHART) as chart:
         assert chart.values == yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def test_pods_carry_the_recommended_labels_common_labels_and_the_image_version():
+    objects = render({"commonLabels": {"team": "data"}, "image": {"tag": "1.4.2"}, "podLabels": {"tier": "queue"}})
+    pods = [o for o in objects if o["kind"] in ("Deployment", "StatefulSet")]
+    assert len(pods) == 3  # consumer, reclaimer, redis
+    for obj in pods:
+        labels = obj["spec"]["template"]["metadata"]["labels"]
+        for key in ("name", "instance", "component", "part-of", "managed-by"):
+            assert f"app.kubernetes.io/{key}" in labels, (obj["metadata"]["name"], key)
+        assert labels["app.kubernetes.io/version"] == "1.4.2"
+        assert labels["helm.sh/chart"] == "streamgroup-0.2.0"
+        assert labels["team"] == "data" and labels["tier"] == "queue"
+        assert obj["metadata"]["labels"]["app.kubernetes.io/version"] == "1.4.2"
+    # Without a tag the version is the chart's appVersion.
+    deployment = one(render(), "Deployment", component_name("consumer"))
+    assert deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/version"] == "0.1.0"
+
+
+def test_pod_disruption_budgets_let_unhealthy_pods_go(renders):
+    budgets = find(renders("everything-on-values"), "PodDisruptionBudget")
+    assert budgets and all(b["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow" for b in budgets)
+
+
+def test_components_take_sidecars_init_containers_volumes_and_scheduling_settings():
+    extra = {
+        "priorityClassName": "high",
+        "strategy": {"type": "Recreate"},
+        "startupProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "failureThreshold": 30},
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", "1"]}}},
+        "extraVolumes": [{"name": "certs", "secret": {"secretName": "handler-certs"}}],
+        "extraVolumeMounts": [{"name": "certs", "mountPath": "/etc/handler-certs", "readOnly": True}],
+        "sidecars": [{"name": "proxy", "image": "envoyproxy/envoy:v1.31.0"}],
+        "initContainers": [{"name": "wait", "image": "busybox:1.36", "command": ["true"]}],
+    }
+    deployment = one(render({"reclaimer": extra}), "Deployment", component_name("reclaimer"))
+    pod = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert pod["priorityClassName"] == "high"
+    assert [c["name"] for c in pod["containers"]] == ["reclaimer", "proxy"]
+    assert [c["name"] for c in pod["initContainers"]] == ["wait"]
+    service = pod["containers"][0]
+    assert service["startupProbe"]["failureThreshold"] == 30
+    assert service["lifecycle"] == extra["lifecycle"]
+    assert {"name": "certs", "mountPath": "/etc/handler-certs", "readOnly": True} in service["volumeMounts"]
+    assert {"name": "certs", "secret": {"secretName": "handler-certs"}} in pod["volumes"]
+    with pytest.raises(helm.HelmValuesError, match="command"):
+        render({"consumer": {"command": ["streamgroup-consumer"]}})
+
+
+def test_notes_point_to_no_repository_path():
+    notes = render_templates({"producer": {"enabled": True}})["streamgroup/templates/NOTES.txt"]
+    assert "docs/" not in notes.replace("/docs/runbook.md", "")
+    assert "https://" in notes
+    assert "load-generating producer is on" in notes
+
+
+def test_redis_exporter_is_scraped_and_admitted(renders):
+    objects = renders("everything-on-values")
+    monitor = one(objects, "PodMonitor")
+    assert "redis" in monitor["spec"]["selector"]["matchExpressions"][0]["values"]
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics", "redis-metrics"]
+    policy = one(objects, "NetworkPolicy", component_name("redis"))
+    rule = next(r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "redis-metrics")
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert (
+        "redis"
+        not in one(render({"metrics": {"podMonitor": {"enabled": True}}}), "PodMonitor")["spec"]["selector"][
+            "matchExpressions"
+        ][0]["values"]
+    )

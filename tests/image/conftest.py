@@ -204,7 +204,9 @@ def _host_ca_bundle() -> Path | None:
 def image_build_args(base_image: str) -> list[str]:
     """`podman build` arguments shared by every build of the root Dockerfile here (the same
     arguments, so a second build with another --target reuses the cached layers)."""
-    args = ["--pull=never", "--network=host"]
+    # CI measure: the Dockerfile pins its base by digest; the stand-in cannot have that digest,
+    # so the build is pointed at the stand-in's tag instead (docs/image.md).
+    args = ["--pull=never", "--network=host", "--build-arg", f"PYTHON_BASE={base_image}"]
     ca = _host_ca_bundle()
     if ca is not None:
         # HTTPS here goes through a re-signing proxy: give pip in the builder the host's bundle.

@@ -4,27 +4,45 @@ PrometheusRule; the tests feed the same list to promtool and to a real Prometheu
 */}}
 {{- define "streamgroup.alertGroups" -}}
 {{- $s := include "streamgroup.alertSelector" . }}
-{{- /* Every process exports the group-level gauges; only the reclaimer's carry the real values. */}}
+{{- /* Only the reclaimer exports the group-level gauges (and only while connected to Redis). */}}
 {{- $g := printf "%s, component=\"reclaimer\"" $s }}
 {{- $r := .Values.prometheusRule.rules }}
 {{- $by := "namespace, stream, group" }}
 - name: streamgroup
   rules:
+  {{- with $r.redisDown }}{{ if .enabled }}
+    - alert: StreamgroupRedisDown
+      expr: count by (namespace) (streamgroup_redis_connected{ {{- $s -}} } == 0) > 0
+      for: {{ .for }}
+      {{- include "streamgroup.alertMeta" (list $ . "streamgroupredisdown"
+        "{{ $value }} streamgroup processes in {{ $labels.namespace }} cannot reach Redis"
+        (printf "{{ $value }} streamgroup processes have been disconnected from Redis for %s: nothing is produced, consumed or reclaimed, and the group metrics are missing." .for)) }}
+  {{- end }}{{ end }}
   {{- with $r.pendingHigh }}{{ if .enabled }}
+  {{- $threshold := .threshold }}
+  {{- if kindIs "invalid" $threshold }}
+  {{- $threshold = mul 2 (int (include "streamgroup.setting" (dict "root" $ "key" "batchSize"))) (int (include "streamgroup.maxConsumers" $)) }}
+  {{- end }}
     - alert: StreamgroupPendingHigh
-      expr: max by ({{ $by }}) (streamgroup_group_pending{ {{- $g -}} }) > {{ .threshold }}
+      expr: max by ({{ $by }}) (streamgroup_group_pending{ {{- $g -}} }) > {{ $threshold }}
       for: {{ .for }}
       {{- include "streamgroup.alertMeta" (list $ . "streamgrouppendinghigh"
         "{{ $labels.group }} on {{ $labels.stream }} has {{ $value }} pending messages"
-        (printf "More than %v messages of group {{ $labels.group }} on stream {{ $labels.stream }} were delivered and not acknowledged for %s: consumers are slow, failing or gone." .threshold .for)) }}
+        (printf "More than %v messages of group {{ $labels.group }} on stream {{ $labels.stream }} were delivered and not acknowledged for %s: more than the consumers can hold at once, so they are slow, failing or gone." $threshold .for)) }}
   {{- end }}{{ end }}
-  {{- with $r.oldestPendingTooOld }}{{ if .enabled }}
-    - alert: StreamgroupOldestPendingTooOld
-      expr: max by ({{ $by }}) (streamgroup_group_oldest_pending_age_seconds{ {{- $g -}} }) > {{ .thresholdSeconds }}
+  {{- with $r.stuckPending }}{{ if .enabled }}
+  {{- $threshold := .thresholdSeconds }}
+  {{- if kindIs "invalid" $threshold }}
+  {{- $claim := int (include "streamgroup.setting" (dict "root" $ "key" "claimMinIdleMs")) }}
+  {{- $interval := int (include "streamgroup.setting" (dict "root" $ "key" "reclaimIntervalMs")) }}
+  {{- $threshold = divf (add $claim (mul 2 $interval)) 1000 }}
+  {{- end }}
+    - alert: StreamgroupStuckPending
+      expr: max by ({{ $by }}) (streamgroup_group_oldest_pending_idle_seconds{ {{- $g -}} }) > {{ include "streamgroup.string" $threshold }}
       for: {{ .for }}
-      {{- include "streamgroup.alertMeta" (list $ . "streamgroupoldestpendingtooold"
-        "Oldest pending message of {{ $labels.group }} on {{ $labels.stream }} is {{ $value | humanizeDuration }} old"
-        (printf "A message of group {{ $labels.group }} on stream {{ $labels.stream }} has been pending longer than %vs: work is stuck and is not being reclaimed." .thresholdSeconds)) }}
+      {{- include "streamgroup.alertMeta" (list $ . "streamgroupstuckpending"
+        "A pending message of {{ $labels.group }} on {{ $labels.stream }} has been idle for {{ $value | humanizeDuration }}"
+        (printf "A delivered message of group {{ $labels.group }} on stream {{ $labels.stream }} has not been touched for more than %vs, past the claim window: its consumer is gone and the reclaimer is not claiming it." (include "streamgroup.string" $threshold))) }}
   {{- end }}{{ end }}
   {{- with $r.lagGrowing }}{{ if .enabled }}
     - alert: StreamgroupLagGrowing
@@ -39,13 +57,18 @@ PrometheusRule; the tests feed the same list to promtool and to a real Prometheu
   {{- end }}{{ end }}
   {{- with $r.noActiveConsumer }}{{ if .enabled }}
     - alert: StreamgroupNoActiveConsumer
+      # An unknown lag (lag_known 0, lag NaN) counts as "messages may wait": KEDA sees it as
+      # inactive and may have scaled the consumers away.
       expr: >-
         max by ({{ $by }}) (streamgroup_group_consumers_active{ {{- $g -}} }) == 0
-        and max by ({{ $by }}) (streamgroup_group_lag{ {{- $g -}} }) > 0
+        and (
+          max by ({{ $by }}) (streamgroup_group_lag{ {{- $g -}} }) > 0
+          or min by ({{ $by }}) (streamgroup_group_lag_known{ {{- $g -}} }) == 0
+        )
       for: {{ .for }}
       {{- include "streamgroup.alertMeta" (list $ . "streamgroupnoactiveconsumer"
         "No active consumer in {{ $labels.group }} on {{ $labels.stream }} while messages wait"
-        "No consumer of group {{ $labels.group }} on stream {{ $labels.stream }} was seen within the last minute, yet undelivered messages are waiting.") }}
+        "No consumer of group {{ $labels.group }} on stream {{ $labels.stream }} was seen within the last minute, yet undelivered messages are waiting (or Redis cannot tell the lag).") }}
   {{- end }}{{ end }}
   {{- with $r.deadLettersIncreasing }}{{ if .enabled }}
     - alert: StreamgroupDeadLettersIncreasing
@@ -64,11 +87,18 @@ PrometheusRule; the tests feed the same list to promtool and to a real Prometheu
   {{- end }}{{ end }}
   {{- with $r.reclaimerDown }}{{ if .enabled }}
     - alert: StreamgroupReclaimerDown
-      expr: absent(up{ {{- $g -}} } == 1)
+      # No reclaimer both scraped and connected to Redis: its target is down or disconnected
+      # (first part), or it has no target at all (absent keeps the selector's namespace).
+      expr: >-
+        (
+          max by (namespace) (up{ {{- $g -}} })
+          unless max by (namespace) (streamgroup_redis_connected{ {{- $g -}} } == 1)
+        )
+        or max by (namespace) (absent(up{ {{- $g -}} }))
       for: {{ .for }}
       {{- include "streamgroup.alertMeta" (list $ . "streamgroupreclaimerdown"
-        "No streamgroup reclaimer is up"
-        "No reclaimer has been scraped successfully: stuck messages are not reclaimed, poison messages are not dead-lettered and the group metrics behind the other alerts are missing.") }}
+        "No streamgroup reclaimer is up and connected to Redis in {{ $labels.namespace }}"
+        "No reclaimer has been scraped successfully while connected to Redis: stuck messages are not reclaimed, poison messages are not dead-lettered and the group metrics behind the other alerts are missing.") }}
   {{- end }}{{ end }}
 {{- end }}
 

@@ -32,10 +32,16 @@ app.kubernetes.io/name: {{ include "streamgroup.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* The version label follows the deployed image: image.tag, else the chart's appVersion. */}}
+{{- define "streamgroup.version" -}}
+{{- default .Chart.AppVersion .Values.image.tag | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The recommended label set; on every object and every pod (with commonLabels). */}}
 {{- define "streamgroup.labels" -}}
 helm.sh/chart: {{ include "streamgroup.chart" . }}
 {{ include "streamgroup.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/version: {{ include "streamgroup.version" . | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: streamgroup
 {{- with .Values.commonLabels }}
@@ -71,17 +77,101 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/* An image pinned by digest: repository:tag@digest (the tag only documents it). */}}
+{{- define "streamgroup.pinnedImage" -}}
+{{- if .digest }}
+{{- printf "%s:%s@%s" .repository .tag .digest }}
+{{- else }}
+{{- printf "%s:%s" .repository .tag }}
+{{- end }}
+{{- end }}
+
 {{- define "streamgroup.redisName" -}}
 {{- include "streamgroup.componentName" (dict "root" . "component" "redis") }}
 {{- end }}
 
-{{/* The Redis URL the services use, without a password (that comes from a file). */}}
-{{- define "streamgroup.redisUrl" -}}
-{{- if .Values.redis.bundled.enabled }}
-{{- printf "redis://%s:6379/0" (include "streamgroup.redisName" .) }}
-{{- else }}
-{{- required "redis.external.url is required when redis.bundled.enabled is false" .Values.redis.external.url }}
+{{/* The bundled Redis' address as any namespace resolves it (KEDA's operator runs in its own). */}}
+{{- define "streamgroup.redisHost" -}}
+{{- printf "%s.%s.svc" (include "streamgroup.redisName" .) .Release.Namespace }}
 {{- end }}
+
+{{/* The Redis URL the services use, without a password (that comes from a file); the ACL user of
+redis.auth.username goes into the URL's user part. */}}
+{{- define "streamgroup.redisUrl" -}}
+{{- $url := "" }}
+{{- if .Values.redis.bundled.enabled }}
+{{- $url = printf "redis://%s:6379/0" (include "streamgroup.redisHost" .) }}
+{{- else }}
+{{- $url = required "redis.external.url is required when redis.bundled.enabled is false" .Values.redis.external.url }}
+{{- end }}
+{{- with .Values.redis.auth.username }}
+{{- $parsed := urlParse $url }}
+{{- if $parsed.userinfo }}
+{{- fail "redis.auth.username: put the user either in redis.external.url or in redis.auth.username, not both" }}
+{{- end }}
+{{- $url = urlJoin (set $parsed "userinfo" .) }}
+{{- end }}
+{{- $url }}
+{{- end }}
+
+{{/* Name of the Secret holding the Redis password: the existing one, else the one the chart
+generates for the bundled Redis; empty when there is no password. */}}
+{{- define "streamgroup.passwordSecret" -}}
+{{- if .Values.redis.auth.existingSecret }}
+{{- .Values.redis.auth.existingSecret }}
+{{- else if .Values.redis.bundled.enabled }}
+{{- printf "%s-password" (include "streamgroup.redisName" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "streamgroup.passwordKey" -}}
+{{- if .Values.redis.auth.existingSecret }}
+{{- .Values.redis.auth.existingSecretPasswordKey }}
+{{- else }}
+{{- print "password" }}
+{{- end }}
+{{- end }}
+
+{{/* A Kubernetes memory quantity (512Mi, 1Gi, 500M, 1073741824) in bytes. */}}
+{{- define "streamgroup.bytes" -}}
+{{- $q := toString . }}
+{{- $units := dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 }}
+{{- $number := regexFind "^[0-9]+" $q }}
+{{- $unit := trimPrefix $number $q }}
+{{- if not $number }}{{ fail (printf "cannot read the memory quantity %q" $q) }}{{ end }}
+{{- if $unit }}
+{{- if not (hasKey $units $unit) }}{{ fail (printf "cannot read the memory quantity %q" $q) }}{{ end }}
+{{- mul (int64 $number) (index $units $unit) }}
+{{- else }}
+{{- int64 $number }}
+{{- end }}
+{{- end }}
+
+{{/* The bundled Redis' maxmemory: the value, else 75% of its container memory limit. */}}
+{{- define "streamgroup.redisMaxmemory" -}}
+{{- $redis := .Values.redis.bundled }}
+{{- if $redis.maxmemory }}
+{{- include "streamgroup.bytes" $redis.maxmemory }}
+{{- else }}
+{{- $limit := dig "limits" "memory" "" $redis.resources }}
+{{- if not $limit }}{{ fail "redis.bundled: set resources.limits.memory (maxmemory is 75% of it) or redis.bundled.maxmemory" }}{{ end }}
+{{- div (mul (int64 (include "streamgroup.bytes" $limit)) 3) 4 }}
+{{- end }}
+{{- end }}
+
+{{/* The most consumer pods this release may run. */}}
+{{- define "streamgroup.maxConsumers" -}}
+{{- $c := .Values.consumer }}
+{{- if $c.autoscaling.keda.enabled }}{{ $c.autoscaling.keda.maxReplicaCount }}
+{{- else if $c.autoscaling.hpa.enabled }}{{ $c.autoscaling.hpa.maxReplicas }}
+{{- else }}{{ $c.replicas }}{{ end }}
+{{- end }}
+
+{{/* A config value, else the service's default (they must match services/streamgroup/settings.py). */}}
+{{- define "streamgroup.setting" -}}
+{{- $defaults := dict "batchSize" 100 "blockMs" 2000 "redisTimeoutMs" 10000 "shutdownGraceSeconds" 20 "claimMinIdleMs" 60000 "reclaimIntervalMs" 5000 }}
+{{- $value := index .root.Values.config .key }}
+{{- if kindIs "invalid" $value }}{{ index $defaults .key }}{{ else }}{{ $value }}{{ end }}
 {{- end }}
 
 {{/* A value as a string; whole numbers without the exponent YAML-decoded floats print with (1e+06). */}}
@@ -102,8 +192,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and $autoscaling.hpa.enabled $autoscaling.keda.enabled }}
 {{- fail "consumer.autoscaling: enable hpa or keda, not both" }}
 {{- end }}
-{{- if le (int .Values.terminationGracePeriodSeconds) (int (ceil .Values.config.shutdownGraceSeconds)) }}
-{{- fail "terminationGracePeriodSeconds must be larger than config.shutdownGraceSeconds" }}
+{{- $grace := float64 (include "streamgroup.setting" (dict "root" . "key" "shutdownGraceSeconds")) }}
+{{- $block := divf (float64 (include "streamgroup.setting" (dict "root" . "key" "blockMs"))) 1000 }}
+{{- $timeout := divf (float64 (include "streamgroup.setting" (dict "root" . "key" "redisTimeoutMs"))) 1000 }}
+{{- $needed := addf $grace $block (mulf 2 $timeout) }}
+{{- if lt (float64 .Values.terminationGracePeriodSeconds) $needed }}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must be at least config.shutdownGraceSeconds + config.blockMs + 2 x config.redisTimeoutMs = %v s, or a stopping consumer is killed before it has acknowledged its work" .Values.terminationGracePeriodSeconds (ceil $needed)) }}
+{{- end }}
+{{- if and $autoscaling.keda.enabled (eq (int $autoscaling.keda.minReplicaCount) 0) }}
+{{- fail "consumer.autoscaling.keda.minReplicaCount: 0 is refused: KEDA's redis-streams scaler treats an unknown lag (nil after a Redis restart from its append-only file, until a consumer reads) as inactive, and no consumer would ever read again. Use 1 or more (docs/deploy.md)" }}
 {{- end }}
 {{- if ne (empty .Values.redis.tls.certKey) (empty .Values.redis.tls.keyKey) }}
 {{- fail "redis.tls.certKey and redis.tls.keyKey go together" }}
@@ -115,13 +212,13 @@ app.kubernetes.io/component: {{ .component }}
 - name: tmp
   emptyDir:
     sizeLimit: 64Mi
-{{- with .Values.redis.auth.existingSecret }}
+{{- with include "streamgroup.passwordSecret" . }}
 - name: redis-password
   secret:
     secretName: {{ . }}
     defaultMode: 0440
     items:
-      - key: {{ $.Values.redis.auth.existingSecretPasswordKey }}
+      - key: {{ include "streamgroup.passwordKey" $ }}
         path: password
 {{- end }}
 {{- with .Values.redis.tls }}
@@ -137,7 +234,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "streamgroup.volumeMounts" -}}
 - name: tmp
   mountPath: /tmp
-{{- if .Values.redis.auth.existingSecret }}
+{{- if include "streamgroup.passwordSecret" . }}
 - name: redis-password
   mountPath: /var/run/secrets/streamgroup/redis-password
   readOnly: true
@@ -155,7 +252,7 @@ app.kubernetes.io/component: {{ .component }}
   valueFrom:
     fieldRef:
       fieldPath: metadata.name
-{{- if .Values.redis.auth.existingSecret }}
+{{- if include "streamgroup.passwordSecret" . }}
 - name: STREAMGROUP_REDIS_PASSWORD_FILE
   value: /var/run/secrets/streamgroup/redis-password/password
 {{- end }}
@@ -175,5 +272,5 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Label matchers that pick this release's series in alert expressions. */}}
 {{- define "streamgroup.alertSelector" -}}
-{{- default (printf "job=%q" (printf "%s/%s" .Release.Namespace (include "streamgroup.fullname" .))) .Values.prometheusRule.selector }}
+{{- default (printf "job=%q, namespace=%q" (printf "%s/%s" .Release.Namespace (include "streamgroup.fullname" .)) .Release.Namespace) .Values.prometheusRule.selector }}
 {{- end }}
