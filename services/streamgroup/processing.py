@@ -107,7 +107,11 @@ class HandlerRunner:
     """
 
     def __init__(
-        self, handler: Handler, concurrency: int, timeout_seconds: float = 0.0, on_timeout: Callable[[], None] | None = None
+        self,
+        handler: Handler,
+        concurrency: int,
+        timeout_seconds: float = 0.0,
+        on_timeout: Callable[[], None] | None = None,
     ) -> None:
         self._handler = handler
         self._concurrency = concurrency
