@@ -49,6 +49,8 @@ def test_an_awaitable_result_is_awaited_before_the_entry_is_acknowledged(service
         ("raise_base_exception", "KeyboardInterrupt"),
         ("raise_base_exception", "GeneratorExit"),
         ("raise_base_exception_async", "CancelledError"),
+        ("raise_base_exception_deferred", "SystemExit"),
+        ("raise_base_exception_deferred", "CancelledError"),
     ],
 )
 def test_a_base_exception_from_the_handler_fails_only_its_message(services, r, handler, raised) -> None:
@@ -58,9 +60,10 @@ def test_a_base_exception_from_the_handler_fails_only_its_message(services, r, h
         "TESTHANDLER_RAISE": raised,
         "TESTHANDLER_FAIL_MOD": 5,
         "MAX_DELIVERIES": 2,
+        **FAST_RECLAIM,
     }
     consumer = services.start("consumer", name="c1", **settings)
-    services.start("reclaimer", name="reclaimer", **settings, **FAST_RECLAIM)
+    services.start("reclaimer", name="reclaimer", **settings)
     wait_for(lambda: all_acked(r, 10), timeout=30, what="every entry settled")
     bad = {ids[4], ids[9]}
     for entry_id in ids:
@@ -82,9 +85,10 @@ def test_a_hanging_call_times_out_as_a_failure_and_its_batch_mates_are_acknowled
         "TESTHANDLER_FAIL_MOD": 5,
         "MAX_DELIVERIES": 2,
         "HANDLER_TIMEOUT_MS": 500,
+        **FAST_RECLAIM,  # the consumer's lease is renewed at a third of the reclaimer's claim time
     }
     consumer = services.start("consumer", name="c1", metrics=True, **settings)
-    services.start("reclaimer", name="reclaimer", **settings, **FAST_RECLAIM)
+    services.start("reclaimer", name="reclaimer", **settings)
     wait_for(lambda: all_acked(r, 10), timeout=40, what="every entry settled")
     hung = {ids[4], ids[9]}
     assert sorted(_dead_ids(r)) == sorted(hung), "timed out on the consumer, again on the reclaimer: dead-lettered"

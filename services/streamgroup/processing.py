@@ -233,9 +233,20 @@ class HandlerRunner:
                 failed.append((message, outcome))
             durations.append(clock() - started)
 
-    def _await_on_loop(self, awaitable: Awaitable[Any]) -> Any:
+    def _await_on_loop(self, awaitable: Awaitable[Any]) -> None:
         """From a worker thread: await what a sync call returned on the event loop, and wait for it."""
-        return asyncio.run_coroutine_threadsafe(self._await(awaitable), self._loop).result()
+        error = asyncio.run_coroutine_threadsafe(self._await_capturing(awaitable), self._loop).result()
+        if error is not None:
+            raise error
+
+    async def _await_capturing(self, awaitable: Awaitable[Any]) -> BaseException | None:
+        # A SystemExit or KeyboardInterrupt escaping a task would stop the event loop itself:
+        # hand every exception back to the worker thread as a value instead.
+        try:
+            await self._await(awaitable)
+        except BaseException as exc:  # noqa: BLE001 - the handler's, whatever it is
+            return exc
+        return None
 
     async def _await(self, awaitable: Awaitable[Any]) -> Any:
         if self._timeout is None:

@@ -143,6 +143,11 @@ async def raise_base_exception_async(message: Message) -> None:
     raise_base_exception(message)
 
 
+def raise_base_exception_deferred(message: Message):
+    """A sync call returning a coroutine that raises the BaseException once awaited."""
+    return raise_base_exception_async(message)
+
+
 def hang_some(message: Message) -> None:
     """Hangs (a sync call that never returns) on chosen serials."""
     _called(message)
