@@ -12,7 +12,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from streamgroup import PoisonMessage, streams
+from streamgroup import PoisonMessage, acl, streams
 from streamgroup.keys import StreamKeys
 from streamgroup.message import RawEntry
 from streamgroup.metrics import Metrics
@@ -104,7 +104,18 @@ def test_dead_lettering_sent_again_after_a_lost_reply_moves_nothing_more(redis_u
     assert len(_raw_range(client, DEAD)) == 1
 
 
-def test_a_wide_copy_whose_entry_another_consumer_claimed_is_removed_again(redis_url) -> None:
+def _as_service_user(redis_url: str, service: str | None) -> str:
+    """The URL of a user holding exactly the service's ACL rule (None: the unrestricted default user)."""
+    if service is None:
+        return redis_url
+    with _raw_client(redis_url) as admin:
+        setinfo = acl.server_knows_client_setinfo(admin.info("server"))
+        admin.execute_command(*acl.setuser_args(service, "sg", "pw", client_setinfo=setinfo))
+    return redis_url.replace("redis://", "redis://sg:pw@", 1)
+
+
+@pytest.mark.parametrize("user", [None, "consumer", "reclaimer"])
+def test_a_wide_copy_whose_entry_another_consumer_claimed_is_removed_again(redis_url, user) -> None:
     client = _raw_client(redis_url)
     entry_id = client.xadd(STREAM, _fields_of(WIDE)).decode()
     client.xgroup_create(STREAM, GROUP, id="0")
@@ -113,10 +124,10 @@ def test_a_wide_copy_whose_entry_another_consumer_claimed_is_removed_again(redis
     flat = [part for pair in fields.items() for part in pair]
 
     async def move() -> set[str]:
-        async with aioredis.Redis.from_url(redis_url) as a:
+        async with aioredis.Redis.from_url(_as_service_user(redis_url, user)) as a:
             return await Scripts(a, _keys()).dead_letter("owner", _dead_letter_pairs(entry_id, flat, "owner"))
 
-    assert asyncio.run(move()) == set()
+    assert asyncio.run(move()) == set(), "within the service's ACL rule"
     assert _raw_range(client, DEAD) == []
     assert _owner(client, entry_id) == "reclaimer"
 

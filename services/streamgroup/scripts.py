@@ -233,10 +233,12 @@ class Scripts:
         MULTI/EXEC: an error in queueing (OOM) runs neither, and the script keeps the copy only if
         this consumer still owns the entry, acknowledging it at the same time."""
         keys = self._keys
+        # Loaded first (idempotent): a NOSCRIPT inside EXEC would not stop the XADD before it.
+        sha = await self._client.script_load(DEAD_LETTER_WIDE_ACK)
         async with self._client.pipeline(transaction=True) as multi:
             multi.execute_command("XADD", keys.dead_letter, "*", *fields)
-            multi.eval(
-                DEAD_LETTER_WIDE_ACK,
+            multi.evalsha(
+                sha,
                 2,
                 keys.stream,
                 keys.dead_letter,
