@@ -77,7 +77,7 @@ def test_a_base_exception_from_the_handler_fails_only_its_message(services, r, h
     assert consumer.alive(), "the consumer kept running"
 
 
-@pytest.mark.parametrize("handler", ["hang_some", "hang_some_async"])
+@pytest.mark.parametrize("handler", ["hang_some", "hang_some_async", "hang_some_deferred"])
 def test_a_hanging_call_times_out_as_a_failure_and_its_batch_mates_are_acknowledged(services, r, handler) -> None:
     ids = _add(r, 10)
     settings = {
@@ -100,7 +100,7 @@ def test_a_hanging_call_times_out_as_a_failure_and_its_batch_mates_are_acknowled
         # Two threads still hang, abandoned, with CONCURRENCY=1: the process asks to be restarted.
         assert consumer.get("/healthz")[0] == 503
     else:
-        assert consumer.get("/healthz")[0] == 200, "cancelled coroutines leave nothing behind"
+        assert consumer.get("/healthz")[0] == 200, "cancelled coroutines leave no thread behind"
 
 
 def test_abandoned_threads_up_to_the_concurrency_keep_the_consumer_live(services, r) -> None:

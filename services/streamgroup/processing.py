@@ -83,12 +83,12 @@ class _Lane:
     whoever pops it first (the thread when the call returns, or the watchdog at the timeout)
     records the outcome: list.pop() is atomic, so exactly one of them does."""
 
-    __slots__ = ("slot", "started", "abandoned")
+    __slots__ = ("slot", "started", "awaiting_on_loop")
 
     def __init__(self) -> None:
         self.slot: list[Message] = []
         self.started = 0.0
-        self.abandoned = False
+        self.awaiting_on_loop = False  # the loop times the awaitable out (and cancels it) itself
 
 
 class HandlerRunner:
@@ -180,13 +180,12 @@ class HandlerRunner:
     def _abandon_if_overdue(self, lane: _Lane, results: Results) -> bool:
         """Fail the call running past the timeout and give up on its thread; True if it did."""
         now = time.perf_counter()
-        if now - lane.started < self._timeout:
+        if now - lane.started < self._timeout * (2 if lane.awaiting_on_loop else 1):
             return False
         try:
             message = lane.slot.pop()
         except IndexError:  # between calls, or the call returned just now
             return False
-        lane.abandoned = True
         with self._abandoned_lock:
             self._abandoned.add(lane)
         results.failed.append((message, self._timeout_error()))
@@ -216,7 +215,11 @@ class HandlerRunner:
             try:
                 result = handler(message)
                 if result is not None and _isawaitable(result):
-                    self._await_on_loop(result)
+                    lane.awaiting_on_loop = True
+                    try:
+                        self._await_on_loop(result)
+                    finally:
+                        lane.awaiting_on_loop = False
             except BaseException as exc:  # noqa: BLE001 - SystemExit & co. from a handler fail its message only
                 outcome: BaseException | None = exc
             else:

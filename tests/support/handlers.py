@@ -161,3 +161,8 @@ async def hang_some_async(message: Message) -> None:
     if _chosen(message):
         await asyncio.Event().wait()
     _succeeded(message)
+
+
+def hang_some_deferred(message: Message):
+    """A sync call returning a coroutine that hangs on chosen serials."""
+    return hang_some_async(message)
