@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import inspect
 import threading
 import time
@@ -78,17 +79,31 @@ class Outcome:
     durations: tuple[float, ...]
 
 
+class _Batch:
+    """One batch on worker threads: its lanes still drawing from the shared queue, and `done`,
+    resolved once none is left (lanes given up on at the timeout do not count)."""
+
+    __slots__ = ("queue", "results", "done", "lanes", "error")
+
+    def __init__(self, queue: Iterator[Message], results: Results, done: asyncio.Future) -> None:
+        self.queue, self.results, self.done = queue, results, done
+        self.lanes = 0
+        self.error: BaseException | None = None
+
+
 class _Lane:
     """One worker thread's draining of a batch. `slot` holds the message of the call in progress;
     whoever pops it first (the thread when the call returns, or the watchdog at the timeout)
     records the outcome: list.pop() is atomic, so exactly one of them does."""
 
-    __slots__ = ("slot", "started", "awaiting_on_loop")
+    __slots__ = ("batch", "slot", "started", "awaiting_on_loop", "given_up")
 
-    def __init__(self) -> None:
+    def __init__(self, batch: _Batch) -> None:
+        self.batch = batch
         self.slot: list[Message] = []
         self.started = 0.0
         self.awaiting_on_loop = False  # the loop times the awaitable out (and cancels it) itself
+        self.given_up = False
 
 
 class HandlerRunner:
@@ -121,6 +136,8 @@ class HandlerRunner:
         self._pool = None if self._async else self._new_pool()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._taking = True
+        self._lanes: set[_Lane] = set()  # of the batches running now
+        self._watchdog: asyncio.Future | None = None
         self._abandoned: set[_Lane] = set()
         self._abandoned_lock = threading.Lock()
 
@@ -153,31 +170,51 @@ class HandlerRunner:
             await self._run_threads(queue, results, workers)
 
     async def _run_threads(self, queue: Iterator[Message], results: Results, workers: int) -> None:
-        running = dict(self._start_lane(queue, results) for _ in range(workers))
-        while running:
-            done, _ = await asyncio.wait(running, timeout=self._watch_interval())
-            for future in done:
-                del running[future]
-                future.result()
-            if self._timeout is not None:
-                # Each lane given up on is replaced, so the rest of the batch goes on being handled.
-                for future in [future for future, lane in running.items() if self._abandon_if_overdue(lane, results)]:
-                    del running[future]
-                    started, lane = self._start_lane(queue, results)
-                    running[started] = lane
+        batch = _Batch(queue, results, self._loop.create_future())
+        for _ in range(workers):
+            self._start_lane(batch)
+        if self._timeout is not None and self._watchdog is None:
+            self._watchdog = asyncio.ensure_future(self._watch())
+        await batch.done
+        if batch.error is not None:
+            raise batch.error
 
-    def _watch_interval(self) -> float | None:
-        return None if self._timeout is None else min(self._timeout / 4, 1.0)
-
-    def _start_lane(self, queue: Iterator[Message], results: Results) -> tuple[asyncio.Future, _Lane]:
-        lane = _Lane()
+    def _start_lane(self, batch: _Batch) -> None:
+        lane = _Lane(batch)
+        batch.lanes += 1
+        self._lanes.add(lane)
         # Each thread runs in a copy of the caller's context, so handler logs keep the bound fields.
         future = self._loop.run_in_executor(
-            self._pool, contextvars.copy_context().run, self._drain_sync, lane, queue, results
+            self._pool, contextvars.copy_context().run, self._drain_sync, lane, batch.queue, batch.results
         )
-        return future, lane
+        future.add_done_callback(functools.partial(self._lane_ended, lane))
 
-    def _abandon_if_overdue(self, lane: _Lane, results: Results) -> bool:
+    def _lane_ended(self, lane: _Lane, future: asyncio.Future) -> None:
+        self._lanes.discard(lane)
+        batch = lane.batch
+        if not future.cancelled() and future.exception() is not None:
+            batch.error = future.exception()
+        if not lane.given_up:
+            self._lane_left(batch)
+
+    def _lane_left(self, batch: _Batch) -> None:
+        batch.lanes -= 1
+        if batch.lanes == 0 and not batch.done.done():
+            batch.done.set_result(None)
+
+    async def _watch(self) -> None:
+        """Every quarter of the timeout (at most every second): give up on calls running past it.
+        Each lane given up on is replaced, so the rest of its batch goes on being handled."""
+        while True:
+            await asyncio.sleep(min(self._timeout / 4, 1.0))
+            for lane in list(self._lanes):
+                if self._abandon_if_overdue(lane):
+                    lane.given_up = True
+                    self._lanes.discard(lane)
+                    self._start_lane(lane.batch)  # before the lane leaves: the batch is not done
+                    self._lane_left(lane.batch)
+
+    def _abandon_if_overdue(self, lane: _Lane) -> bool:
         """Fail the call running past the timeout and give up on its thread; True if it did."""
         now = time.perf_counter()
         if now - lane.started < self._timeout * (2 if lane.awaiting_on_loop else 1):
@@ -188,8 +225,8 @@ class HandlerRunner:
             return False
         with self._abandoned_lock:
             self._abandoned.add(lane)
-        results.failed.append((message, self._timeout_error()))
-        results.durations.append(now - lane.started)
+        lane.batch.results.failed.append((message, self._timeout_error()))
+        lane.batch.results.durations.append(now - lane.started)
         log.error(
             "handler call timed out; its thread is abandoned and left running",
             message_id=message.id,
@@ -283,6 +320,8 @@ class HandlerRunner:
             results.durations.append(clock() - started)
 
     def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
