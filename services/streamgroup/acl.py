@@ -42,6 +42,7 @@ COMMANDS: Mapping[str, tuple[str, ...]] = {
         "+xadd",  # dead-letter stream: in the dead-letter script (XADD, then XACK), or direct for too wide an entry
         "+evalsha",  # the Lua scripts (streamgroup.scripts) ...
         "+script|load",  # ... loaded once per server when EVALSHA answers NOSCRIPT
+        *("+multi", "+exec", "+xrevrange"),  # too wide an entry: XADD + check script in MULTI (XDEL: below)
     ),
     "reclaimer": (
         "+xgroup|create",
@@ -50,6 +51,7 @@ COMMANDS: Mapping[str, tuple[str, ...]] = {
         "+xack",
         "+xclaim",  # lease renewal on reclaimed entries (script)
         "+xadd",  # dead-letter stream
+        *("+multi", "+exec"),  # dead-lettering too wide an entry (XREVRANGE: below; XDEL: below)
         "+xlen",  # stream and dead-letter lengths (metrics)
         "+xinfo|groups",  # lag, pending, last delivered id (metrics; safe-retention script)
         "+xinfo|consumers",  # per-consumer metrics; idle-consumer cleanup script
@@ -62,6 +64,10 @@ COMMANDS: Mapping[str, tuple[str, ...]] = {
     # `streamgroup status`, or any monitoring that only reads.
     "status": ("+xlen", "+xinfo|groups", "+xinfo|consumers", "+xpending"),
 }
+
+# Commands allowed on the dead-letter stream only (an ACL selector): the wide-entry dead-letter
+# script deletes the copy it just added when the caller turns out not to own the entry any more.
+DEAD_LETTER_ONLY: Mapping[str, tuple[str, ...]] = {"consumer": ("+xdel",), "reclaimer": ("+xdel",)}
 
 # Key permissions per service: for the stream and for its dead-letter stream.
 KEY_ACCESS: Mapping[str, tuple[str, str | None]] = {
@@ -98,7 +104,11 @@ def rule(
     commands = [*CONNECTION, *([CLIENT_SETINFO] if client_setinfo else []), *COMMANDS[service]]
     seen: set[str] = set()
     commands = [c for c in commands if not (c in seen or seen.add(c))]
-    return ["resetchannels", *keys, "-@all", *commands]
+    selectors = []
+    if service in DEAD_LETTER_ONLY:
+        dead_key = escape_key_pattern(dead_letter or f"{stream}:dead")
+        selectors.append(f"({' '.join(DEAD_LETTER_ONLY[service])} ~{dead_key})")
+    return ["resetchannels", *keys, "-@all", *commands, *selectors]
 
 
 def render(service: str, stream: str = "messageStream", dead_letter: str | None = None) -> str:

@@ -21,8 +21,15 @@ def _response(status: str, body: bytes, content_type: str = "text/plain; charset
 
 
 async def start_http_server(
-    port: int, registry: CollectorRegistry, is_ready: Callable[[], bool], host: str = "0.0.0.0"
+    port: int,
+    registry: CollectorRegistry,
+    is_ready: Callable[[], bool],
+    host: str = "0.0.0.0",
+    is_live: Callable[[], bool] = lambda: True,
 ) -> asyncio.Server:
+    """/healthz answers 503 when is_live() is false (the loop runs but the process is stuck, e.g.
+    handler threads hang): the liveness probe then restarts it."""
+
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request_line = await asyncio.wait_for(reader.readline(), timeout=5)
@@ -37,7 +44,8 @@ async def start_http_server(
             if path == "/metrics":
                 reply = _response("200 OK", generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
-                reply = _response("200 OK", b"ok\n")
+                live = is_live()
+                reply = _response("200 OK" if live else "503 Service Unavailable", b"ok\n" if live else b"not live\n")
             elif path == "/readyz":
                 ready = is_ready()
                 reply = _response(

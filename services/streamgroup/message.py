@@ -20,6 +20,10 @@ class Message:
     `fields` is decoded to text on first access: a handler that never reads them (or reads them
     as they come, in bytes, from `raw_fields`) costs nothing for it. Whether they are valid UTF-8
     is checked before the handler is called, so reading them never fails.
+
+    A stream entry may repeat a field name (`item 1 item 2`). `fields` and `raw_fields` are dicts
+    and keep the last value only; `flat_fields` is the list exactly as Redis sent it. The
+    dead-letter copy always holds that exact list.
     """
 
     __slots__ = ("id", "stream", "deliveries", "_fields", "_raw")
@@ -45,8 +49,16 @@ class Message:
         return self._fields
 
     @property
+    def flat_fields(self) -> list[bytes]:
+        """[field, value, field, value, ...] as Redis sent them: bytes, repeated names kept."""
+        if self._raw is None:
+            return [part.encode() for pair in self._fields.items() for part in pair]
+        return list(self._raw)
+
+    @property
     def raw_fields(self) -> dict[bytes, bytes]:
-        """The fields as Redis sent them (bytes), for binary-safe handlers."""
+        """The fields as Redis sent them (bytes), for binary-safe handlers; a repeated field name
+        keeps its last value (see flat_fields)."""
         if self._raw is None:
             return {key.encode(): value.encode() for key, value in self._fields.items()}
         flat = self._raw
@@ -75,12 +87,8 @@ class RawEntry:
     """An entry that cannot be handled, kept as Redis returned it for the dead-letter stream."""
 
     id: str
-    fields: list[bytes] | None
+    fields: list[bytes] | None  # flat [field, value, ...]; None for an entry deleted while pending
     deliveries: int = 1
-
-    def field_dict(self) -> dict[bytes, bytes]:
-        flat = self.fields or []
-        return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def entry_timestamp(entry_id: str) -> float:

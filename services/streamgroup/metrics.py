@@ -86,6 +86,9 @@ class Metrics:
         self.dead_lettered = counter("messages_dead_lettered", "Entries moved to the dead-letter stream", sg).labels(
             stream, group
         )
+        self.handler_timeouts = counter(
+            "handler_timeouts", "Handler calls that ran past STREAMGROUP_HANDLER_TIMEOUT_MS and were given up", sg
+        ).labels(stream, group)
         labels = {"stream": stream, "group": group}
         self.processing_seconds = BatchHistogram(
             f"{PREFIX}_message_processing_seconds", "Time the handler took per message", labels

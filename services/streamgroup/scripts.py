@@ -123,26 +123,55 @@ return added
 """
 
 
-# Move entries to the dead-letter stream, each XADD followed by its XACK. A script stops at the
-# first error, so an entry whose XADD fails is never acknowledged; MULTI/EXEC would run the XACK
-# anyway and lose it. ARGV = group, then per entry: its id, the length n of its flat field list,
-# and the n field/value items.
+# Move entries to the dead-letter stream, each only while ARGV[2] (the caller) still owns it in
+# the group's pending list: an entry another consumer claimed meanwhile is theirs to settle, and an
+# entry already moved (or acknowledged) is no longer pending. That also makes a re-sent EVALSHA
+# (after a reply that never came) a no-op for what the first one moved. Each XADD is followed by
+# its XACK; a script stops at the first error, so an entry whose XADD fails is never acknowledged
+# (MULTI/EXEC would run the XACK anyway and lose it). ARGV = group, consumer, then per entry: its
+# id, the length n of its flat field list, and the n field/value items. Returns the moved ids.
 # Lua's unpack() refuses 8,000 values or more (LUAI_MAXCSTACK), and the script unpacks one
-# entry's fields into one XADD: wider entries are moved without the script.
+# entry's fields into one XADD: wider entries take DEAD_LETTER_WIDE_ACK below.
 SCRIPT_MAX_FIELDS = 7_000
 
 DEAD_LETTER = """
-local moved, i = 0, 2
+local moved, i = {}, 3
 while i <= #ARGV do
-  local n = tonumber(ARGV[i + 1])
-  local args = {KEYS[2], '*'}
-  for j = i + 2, i + 1 + n do args[#args + 1] = ARGV[j] end
-  redis.call('XADD', unpack(args))
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
-  moved = moved + 1
+  local id, n = ARGV[i], tonumber(ARGV[i + 1])
+  local row = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if row[1] and row[1][2] == ARGV[2] then
+    local args = {KEYS[2], '*'}
+    for j = i + 2, i + 1 + n do args[#args + 1] = ARGV[j] end
+    redis.call('XADD', unpack(args))
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+    moved[#moved + 1] = id
+  end
   i = i + 2 + n
 end
 return moved
+"""
+
+# The second half of moving one entry too wide for DEAD_LETTER, sent in one MULTI/EXEC right
+# after the XADD of its copy: if the caller (ARGV[2]) still owns ARGV[3] and the newest entry of
+# the dead-letter stream is that copy (its XADD worked), acknowledge it; if the caller does not
+# own it any more (another consumer claimed it, or a first attempt whose reply was lost moved it
+# already), delete the copy just added. So the transaction adds exactly one copy or none.
+DEAD_LETTER_WIDE_ACK = """
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+if not last then return 0 end
+local fields = last[2]
+local is_copy = false
+for k = #fields - 1, math.max(1, #fields - 15), -2 do
+  if fields[k] == ARGV[4] and fields[k + 1] == ARGV[3] then is_copy = true end
+end
+if not is_copy then return 0 end
+local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if row[1] and row[1][2] == ARGV[2] then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+  return 1
+end
+redis.call('XDEL', KEYS[2], last[1])
+return 0
 """
 
 
@@ -179,20 +208,44 @@ class Scripts:
         values = [value for row in rows for value in row]
         return int(await self._add(keys=[self._keys.stream], args=[len(names), *names, *values]))
 
-    async def dead_letter(self, entries: Sequence[tuple[str, Sequence[bytes | str]]]) -> int:
-        """Move (entry id, flat dead-letter fields) pairs to the dead-letter stream, acknowledging each."""
+    async def dead_letter(self, consumer: str, entries: Sequence[tuple[str, Sequence[bytes | str]]]) -> set[str]:
+        """Move (entry id, flat dead-letter fields) pairs to the dead-letter stream, acknowledging
+        each, if `consumer` still owns it; returns the ids really moved. Safe to send again."""
         keys = self._keys
-        args: list[bytes | str | int] = [keys.group]
+        args: list[bytes | str | int] = [keys.group, consumer]
         wide = []
         for entry_id, fields in entries:
             if len(fields) > SCRIPT_MAX_FIELDS:
                 wide.append((entry_id, fields))
             else:
                 args += [entry_id, len(fields), *fields]
-        moved = int(await self._dead_letter(keys=[keys.stream, keys.dead_letter], args=args)) if len(args) > 1 else 0
+        moved: set[str] = set()
+        if len(args) > 2:
+            reply = await self._dead_letter(keys=[keys.stream, keys.dead_letter], args=args)
+            moved.update(entry_id.decode() if isinstance(entry_id, bytes) else entry_id for entry_id in reply)
         for entry_id, fields in wide:
-            # Too wide for the script: the same two steps from here, in the same order. A crash
-            # between them leaves the entry pending, so it is dead-lettered twice, never lost.
-            await self._client.execute_command("XADD", keys.dead_letter, "*", *fields)
-            moved += await streams.ack(self._client, keys, [entry_id])
+            if await self._dead_letter_wide(consumer, entry_id, fields):
+                moved.add(entry_id)
         return moved
+
+    async def _dead_letter_wide(self, consumer: str, entry_id: str, fields: Sequence[bytes | str]) -> bool:
+        """XADD from here (too many arguments for a script), then DEAD_LETTER_WIDE_ACK, in one
+        MULTI/EXEC: an error in queueing (OOM) runs neither, and the script keeps the copy only if
+        this consumer still owns the entry, acknowledging it at the same time."""
+        keys = self._keys
+        # Loaded first (idempotent): a NOSCRIPT inside EXEC would not stop the XADD before it.
+        sha = await self._client.script_load(DEAD_LETTER_WIDE_ACK)
+        async with self._client.pipeline(transaction=True) as multi:
+            multi.execute_command("XADD", keys.dead_letter, "*", *fields)
+            multi.evalsha(
+                sha,
+                2,
+                keys.stream,
+                keys.dead_letter,
+                keys.group,
+                consumer,
+                entry_id,
+                f"{streams.DEAD_LETTER_FIELDS_PREFIX}original-id",
+            )
+            _, acked = await multi.execute()
+        return bool(acked)

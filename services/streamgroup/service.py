@@ -59,6 +59,14 @@ class Service:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     grace_expired: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     ready: bool = False
+    liveness_checks: list[Callable[[], bool]] = field(default_factory=list)
+
+    def add_liveness_check(self, check: Callable[[], bool]) -> None:
+        """A check that /healthz runs: when one is false, the process asks to be restarted."""
+        self.liveness_checks.append(check)
+
+    def live(self) -> bool:
+        return all(check() for check in self.liveness_checks)
 
     def request_stop(self, reason: str) -> None:
         if self.stopping.is_set():
@@ -93,8 +101,7 @@ def run(name: str, make_worker: Callable[[Service], Worker], group_metrics: bool
     try:
         settings = load_settings()
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{name}: configuration error: {problem}", file=sys.stderr)
+        _print_config_errors(name, exc)
         sys.exit(exc.exit_code)
     configure_logging(settings.log_format, settings.log_level, service=name, consumer=settings.consumer_name)
     try:
@@ -103,11 +110,15 @@ def run(name: str, make_worker: Callable[[Service], Worker], group_metrics: bool
         # turn a clean exit into death by signal.
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            log.error("configuration error", problem=problem)
+    except ConfigError as exc:  # found while starting, e.g. a handler that cannot be loaded
+        _print_config_errors(name, exc)
         code = exc.exit_code
     _exit(code)
+
+
+def _print_config_errors(name: str, exc: ConfigError) -> None:
+    for problem in exc.problems:
+        print(f"{name}: configuration error: {problem}", file=sys.stderr)
 
 
 def _exit(code: int) -> NoReturn:
@@ -136,7 +147,9 @@ async def _main(name: str, settings: Settings, make_worker: Callable[[Service], 
         loop.add_signal_handler(signum, service.request_stop, signal.Signals(signum).name)
     http = None
     if settings.metrics_port:
-        http = await start_http_server(settings.metrics_port, service.metrics.registry, lambda: service.ready)
+        http = await start_http_server(
+            settings.metrics_port, service.metrics.registry, lambda: service.ready, is_live=service.live
+        )
     log.info(
         "starting",
         redis=settings.redis_url_redacted,

@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     read_ahead: bool = True
     shutdown_grace_seconds: float = Field(20.0, gt=0, le=3600)
     max_deliveries: int = Field(5, ge=1, le=1_000_000)
+    # 0 = no limit. A call past it fails (async: cancelled; sync: its thread is abandoned).
+    handler_timeout_ms: int = Field(300_000, ge=0, le=86_400_000)
 
     # Producer.
     producers: int = Field(1, gt=0, le=100_000)

@@ -91,18 +91,17 @@ DEAD_LETTER_FIELDS_PREFIX = "x-streamgroup-"
 
 
 def dead_letter_fields(entry: RawEntry, keys: StreamKeys, consumer: str, reason: str) -> list[bytes | str]:
-    """The entry's original fields (bytes, even when they are not text) plus metadata under the
-    x-streamgroup- prefix, as a flat field/value list."""
+    """The entry's original flat field/value list exactly as Redis sent it (bytes, even when they
+    are not text; a field name given twice stays twice, in order), then metadata under the
+    x-streamgroup- prefix. The metadata comes last, original-id first of it (DEAD_LETTER_WIDE_ACK
+    looks for it among the last fields)."""
     p = DEAD_LETTER_FIELDS_PREFIX
-    fields: dict[bytes | str, bytes | str] = dict(entry.field_dict())
-    fields.update(
-        {
-            f"{p}original-id": entry.id,
-            f"{p}stream": keys.stream,
-            f"{p}group": keys.group,
-            f"{p}consumer": consumer,
-            f"{p}deliveries": str(entry.deliveries),
-            f"{p}error": reason[:4096],
-        }
-    )
-    return [part for pair in fields.items() for part in pair]
+    return [
+        *(entry.fields or ()),
+        f"{p}original-id", entry.id,
+        f"{p}stream", keys.stream,
+        f"{p}group", keys.group,
+        f"{p}consumer", consumer,
+        f"{p}deliveries", str(entry.deliveries),
+        f"{p}error", reason[:4096],
+    ]  # fmt: skip

@@ -59,7 +59,7 @@ class Consumer:
             if read_ahead and not reader.reads_in_flight:
                 await reader.send(streams.NEW, block_ms=None)  # Redis fills it while this batch is handled
             began = time.perf_counter()
-            reader.acknowledge(await self._worker.handle(entries, deliveries, service.grace_expired))
+            await self._worker.handle(entries, deliveries, service.grace_expired, acknowledge=reader.acknowledge)
             self._last_batch_seconds = time.perf_counter() - began
             if read_ahead and self._may_read_ahead(len(entries)):
                 # The next read goes out (with these acknowledgements) before the reply to the one

@@ -53,7 +53,9 @@ class Reclaimer:
                 service.metrics.reclaimed.inc(len(entries))
                 deliveries = await streams.delivery_counts(client, keys, self._name, entries)
                 log.info("reclaimed idle entries", count=len(entries), first_id=entries[0][0].decode())
-                await self._worker.acknowledge(await self._worker.handle(entries, deliveries, service.grace_expired))
+                await self._worker.handle(
+                    entries, deliveries, service.grace_expired, acknowledge=self._worker.acknowledge
+                )
             if cursor == CURSOR_START:
                 break
         return total

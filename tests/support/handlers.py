@@ -9,8 +9,11 @@ Behaviour knobs come from TESTHANDLER_* variables (not STREAMGROUP_*, which must
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import os
+import threading
 import time
 
 import redis
@@ -85,3 +88,81 @@ def record_held(message: Message) -> None:
     held = next(c["pending"] for c in consumers if c["name"] == _consumer.encode())
     _client.rpush("held", held)
     record(message)
+
+
+# Handlers returning an awaitable without being recognisable as `async def`: the entry may only be
+# acknowledged after the awaitable really ran (it records the success, after a real suspension).
+async def _record_later(message: Message) -> None:
+    _called(message)
+    await asyncio.sleep(0.01)
+    _succeeded(message)
+
+
+def _plain_decorator(function):
+    @functools.wraps(function)
+    def wrapper(message: Message):
+        return function(message)
+
+    return wrapper
+
+
+decorated_async = _plain_decorator(_record_later)
+lambda_async = lambda message: _record_later(message)  # noqa: E731 - the shape under test
+
+
+class _CallReturnsAwaitable:
+    def __call__(self, message: Message):
+        return _record_later(message)
+
+
+callable_async = _CallReturnsAwaitable()
+
+
+# A handler raising a BaseException (chosen by TESTHANDLER_RAISE) for serials that are multiples
+# of TESTHANDLER_FAIL_MOD; the others succeed.
+_RAISE = {
+    "SystemExit": lambda: SystemExit(3),
+    "KeyboardInterrupt": KeyboardInterrupt,
+    "GeneratorExit": GeneratorExit,
+    "CancelledError": asyncio.CancelledError,
+}
+
+
+def _chosen(message: Message) -> bool:
+    return bool(_fail_mod) and int(message.fields["serial"]) % _fail_mod == 0
+
+
+def raise_base_exception(message: Message) -> None:
+    _called(message)
+    if _chosen(message):
+        raise _RAISE[os.environ["TESTHANDLER_RAISE"]]()
+    _succeeded(message)
+
+
+async def raise_base_exception_async(message: Message) -> None:
+    raise_base_exception(message)
+
+
+def raise_base_exception_deferred(message: Message):
+    """A sync call returning a coroutine that raises the BaseException once awaited."""
+    return raise_base_exception_async(message)
+
+
+def hang_some(message: Message) -> None:
+    """Hangs (a sync call that never returns) on chosen serials."""
+    _called(message)
+    if _chosen(message):
+        threading.Event().wait()
+    _succeeded(message)
+
+
+async def hang_some_async(message: Message) -> None:
+    _called(message)
+    if _chosen(message):
+        await asyncio.Event().wait()
+    _succeeded(message)
+
+
+def hang_some_deferred(message: Message):
+    """A sync call returning a coroutine that hangs on chosen serials."""
+    return hang_some_async(message)
