@@ -33,7 +33,7 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = SETTLE
             value = condition()
             if value:
                 return value
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except (redis.exceptions.RedisError, OSError, LookupError) as exc:
             last_error = exc
         time.sleep(interval)
     raise TimeoutError(f"timed out waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
