@@ -9,6 +9,8 @@ which knows which node serves a key and follows a cluster's MOVED and ASK redire
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,16 +19,22 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, parse_url
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.cluster import PRIMARY
 from redis.crc import key_slot
-from redis.exceptions import AskError, MovedError
+from redis.exceptions import AskError, MovedError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from streamgroup.backoff import Backoff
 from streamgroup.connection import RAW_REPLIES, _as_sent, _packing_in_c, client_options, url_without_password
 from streamgroup.connection import create_client as create_standalone_client
 from streamgroup.errors import ConfigError
 from streamgroup.keys import StreamKeys
+from streamgroup.logs import get_logger
 from streamgroup.settings import Settings
+
+log = get_logger("streamgroup.topology")
 
 Mode = Literal["standalone", "cluster", "sentinel"]
 Client = aioredis.Redis | RedisCluster
@@ -34,9 +42,13 @@ Client = aioredis.Redis | RedisCluster
 
 async def create_client(settings: Settings) -> Client:
     """The client for the configured deployment. In auto mode this asks the URL's server once
-    (INFO cluster), so it raises a ConnectionError while that server is unreachable: an outage."""
+    (INFO cluster), so it raises a ConnectionError while that server is unreachable: an outage.
+    Through Sentinel, the client also starts following failovers as the sentinels announce them."""
     mode = await detect_mode(settings)
-    return build_client(settings, mode)
+    client = build_client(settings, mode)
+    if isinstance(client, _SentinelManagedRedis):
+        client.follow_failovers()
+    return client
 
 
 async def detect_mode(settings: Settings) -> Mode:
@@ -119,15 +131,76 @@ def _cluster_client(settings: Settings) -> RedisCluster:
 
 
 class _SentinelManagedRedis(aioredis.Redis):
-    """A client of the primary that also closes its connections to the sentinels."""
+    """A client of the primary Sentinel names, that leaves the old primary as soon as the sentinels
+    announce a failover, and closes its connections to the sentinels with its own.
+
+    redis-py alone asks the sentinels only when it opens a connection: the connections it has stay
+    on the old primary until that refuses a write (READONLY), which it does only once Sentinel has
+    demoted it, seconds later (about ten after a SENTINEL FAILOVER here). Every write the old
+    primary takes meanwhile is lost when it resyncs from the new one."""
+
+    _watch: asyncio.Task | None = None
+
+    def follow_failovers(self) -> None:
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._follow_failovers())
+
+    async def _follow_failovers(self) -> None:
+        pool: SentinelConnectionPool = self.connection_pool
+        backoff = Backoff(cap_seconds=5.0)
+        while True:
+            for sentinel in list(pool.sentinel_manager.sentinels):
+                try:
+                    await self._listen(sentinel, pool, backoff)
+                except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+                    log.debug("sentinel unreachable; trying the next", error=str(exc))
+                await asyncio.sleep(backoff.next_delay())
+
+    async def _listen(self, sentinel: aioredis.Redis, pool: SentinelConnectionPool, backoff: Backoff) -> None:
+        async with sentinel.pubsub() as pubsub:
+            await pubsub.subscribe(SWITCH_MASTER)
+            await self._leave_if_moved(pool)  # a switch announced while nobody listened
+            backoff.reset()
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is None:
+                    continue
+                name, *_old, new_host, new_port = _text(message["data"]).split()
+                if name == pool.service_name:
+                    log.warning("sentinel switched the primary; reconnecting", primary=f"{new_host}:{new_port}")
+                    await self._leave(pool)
+
+    async def _leave_if_moved(self, pool: SentinelConnectionPool) -> None:
+        known = pool.master_address
+        if known is not None and await pool.sentinel_manager.discover_master(pool.service_name) != known:
+            await self._leave(pool)
+
+    @staticmethod
+    async def _leave(pool: SentinelConnectionPool) -> None:
+        """Close every connection, those in use too: a command in flight fails as a connection
+        error (an outage its caller retries), the next one connects to the primary named now."""
+        pool.master_address = None
+        await pool.disconnect(inuse_connections=True)
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         manager = getattr(self.connection_pool, "sentinel_manager", None)
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
         try:
             await super().aclose(close_connection_pool)
         finally:
             if manager is not None:
                 await manager.aclose()
+
+
+SWITCH_MASTER = "+switch-master"  # Sentinel's announcement: "<name> <old ip> <old port> <new ip> <new port>"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _sentinel_client(settings: Settings) -> aioredis.Redis:
@@ -217,10 +290,10 @@ class KeyConnections:
         client = self._client
         if not isinstance(client, RedisCluster):
             raise error  # one server never redirects; a misconfigured one is not ours to follow
-        if isinstance(error, AskError):
-            self._asked[error.slot_id] = (error.host, error.port)
-        else:
+        if isinstance(error, MovedError):  # before AskError: redis-py makes MovedError a subclass of it
             await client.nodes_manager.move_slot(error)
+        else:
+            self._asked[error.slot_id] = (error.host, error.port)
 
     async def refresh(self) -> None:
         """Ask the cluster again who serves which slot (after a connection error: a failover)."""

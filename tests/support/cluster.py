@@ -263,6 +263,9 @@ class DevCluster:
 
 
 SENTINEL_MASTER = "streamgroup"
+# Sentinel demotes an old primary with REPLICAOF (SLAVEOF on older servers); without them it stays
+# a primary that takes writes, so a client that does not follow the failover is seen to stay.
+UNDEMOTABLE = ["--rename-command", "REPLICAOF", "", "--rename-command", "SLAVEOF", ""]
 
 
 @dataclass
@@ -272,6 +275,8 @@ class DevSentinel:
     kind: str = "redis"
     sentinels: int = 3
     master_name: str = SENTINEL_MASTER
+    # e.g. UNDEMOTABLE: a primary Sentinel cannot turn into a replica after a failover
+    primary_args: list[str] = field(default_factory=list)
     servers: list[DevServer] = field(default_factory=list)
     sentinel_ports: list[int] = field(default_factory=list)
     directory: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="streamgroup-sentinel-")))
@@ -289,7 +294,7 @@ class DevSentinel:
 
     def start(self) -> DevSentinel:
         try:
-            primary = DevServer(self.kind).start()
+            primary = DevServer(self.kind, extra_args=self.primary_args).start()
             self.servers.append(primary)
             replica = DevServer(self.kind, extra_args=["--replicaof", "127.0.0.1", str(primary.port)])
             self.servers.append(replica.start())
@@ -373,9 +378,9 @@ class DevSentinel:
 
         wait_for(settled, f"sentinels to agree on primary {primary_port}", timeout)
 
-    def failover(self) -> tuple[int, int]:
-        """SENTINEL FAILOVER; wait until every sentinel names the replica as primary and the old
-        primary replicates from it. Returns (old primary port, new primary port)."""
+    def failover(self, settle: bool = True) -> tuple[int, int]:
+        """SENTINEL FAILOVER; wait until every sentinel names the replica as primary and (settle)
+        the old primary replicates from it. Returns (old primary port, new primary port)."""
         old = self.primary_port()
         with _client(self.sentinel_ports[0]) as sentinel:
             wait_for(
@@ -383,5 +388,6 @@ class DevSentinel:
                 "SENTINEL FAILOVER to be accepted",
             )
         new = wait_for(lambda: (port := self.primary_port()) != old and port, "the sentinels to name a new primary")
-        self.wait_settled(new)
+        if settle:
+            self.wait_settled(new)
         return old, new
