@@ -9,7 +9,6 @@ import contextlib
 import threading
 
 import pytest
-from handsent import ids_of, read_command, send_by_hand
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
@@ -19,6 +18,7 @@ from streamgroup.keys import StreamKeys
 from streamgroup.scripts import Scripts
 from streamgroup.settings import Settings
 from support.cluster import DevCluster
+from support.handsent import ids_of, read_command, send_by_hand
 
 GROUP = "g"
 
