@@ -22,7 +22,7 @@ from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.cluster import PRIMARY
 from redis.crc import key_slot
-from redis.exceptions import AskError, MovedError, ResponseError
+from redis.exceptions import AskError, ClusterError, MovedError, RedisClusterException, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -35,6 +35,12 @@ from streamgroup.logs import get_logger
 from streamgroup.settings import Settings
 
 log = get_logger("streamgroup.topology")
+
+# What the cluster client raises, besides redis-py's ConnectionError and TimeoutError, while the
+# cluster cannot serve: no node reachable or a slot without a primary ("Redis Cluster cannot be
+# connected", SlotNotCoveredError; neither is a RedisError), redirects that never settle
+# ("TTL exhausted"). All are outages: retry with backoff, never an exit.
+CLUSTER_OUTAGES = (RedisClusterException, ClusterError)
 
 Mode = Literal["standalone", "cluster", "sentinel"]
 Client = aioredis.Redis | RedisCluster

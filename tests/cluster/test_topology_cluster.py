@@ -13,6 +13,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from streamgroup import groupstats, streams, topology
+from streamgroup.devserver import KINDS
 from streamgroup.errors import EXIT_CONFIG, ConfigError
 from streamgroup.keys import StreamKeys
 from streamgroup.scripts import Scripts
@@ -80,6 +81,8 @@ def test_every_script_runs_on_the_node_of_a_hash_tagged_stream(cluster_url, clus
             assert await scripts.renew_lease("c1", ids) == 3
             assert await scripts.dead_letter([(ids[0], [b"n", b"1", b"why", b"poison"])]) == 1
             assert await client.xlen(keys.dead_letter) == 1
+            cursor, claimed, deleted = await streams.autoclaim(client, keys, "c1", 0, "0-0", 10)
+            assert ([entry[0].decode() for entry in claimed], deleted) == (ids[1:], [])
             assert await scripts.release_or_leave("c1", 1000) == (2, False)
             await client.xack(keys.stream, GROUP, *ids[1:])
             assert await scripts.delete_if_idle("c1", 0) is True
@@ -289,3 +292,29 @@ def test_the_client_recovers_after_a_primary_is_killed(fresh_cluster: DevCluster
 
     _run(main())
     print("errors seen while the primary was down:", sorted(set(errors)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_cluster_with_no_node_reachable_raises_an_outage(kind: str) -> None:
+    """redis-py raises RedisClusterException, which is not a RedisError: the services must count
+    it as an outage (topology.CLUSTER_OUTAGES), at start and later."""
+    with DevCluster(kind, replicas=0) as cluster:
+
+        async def main() -> None:
+            client = await topology.create_client(Settings(redis_url=cluster.url, stream="{o}"))
+            try:
+                await client.xadd("{o}", {"n": "1"})
+                for node in cluster.nodes:
+                    node.kill()
+                with pytest.raises(topology.CLUSTER_OUTAGES):
+                    await client.xlen("{o}")
+            finally:
+                await client.aclose()
+            fresh = topology.build_client(Settings(redis_url=cluster.url, stream="{o}"), "cluster")
+            try:
+                with pytest.raises(topology.CLUSTER_OUTAGES):
+                    await fresh.ping()
+            finally:
+                await fresh.aclose()
+
+        asyncio.run(main())
