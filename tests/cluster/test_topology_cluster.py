@@ -301,7 +301,8 @@ def test_a_cluster_with_no_node_reachable_raises_an_outage(kind: str) -> None:
     with DevCluster(kind, replicas=0) as cluster:
 
         async def main() -> None:
-            client = await topology.create_client(Settings(redis_url=cluster.url, stream="{o}"))
+            settings = Settings(redis_url=cluster.url, stream="{o}")
+            client = await topology.create_client(settings)
             try:
                 await client.xadd("{o}", {"n": "1"})
                 for node in cluster.nodes:
@@ -310,7 +311,7 @@ def test_a_cluster_with_no_node_reachable_raises_an_outage(kind: str) -> None:
                     await client.xlen("{o}")
             finally:
                 await client.aclose()
-            fresh = topology.build_client(Settings(redis_url=cluster.url, stream="{o}"), "cluster")
+            fresh = topology.build_client(settings, "cluster")
             try:
                 with pytest.raises(topology.CLUSTER_OUTAGES):
                     await fresh.ping()
