@@ -98,3 +98,43 @@ def test_auto_mode_with_the_server_unreachable_is_an_outage_not_a_crash() -> Non
             await topology.create_client(Settings(redis_url="redis://127.0.0.1:1/0"))
 
     asyncio.run(main())
+
+
+def test_cluster_and_sentinel_clients_get_the_options_of_a_plain_client(tmp_path) -> None:
+    """Password file over the URL's password, TLS files, timeouts and hiredis packing: the same
+    as connection.create_client gives, in every mode (built without connecting)."""
+    password_file = tmp_path / "password"
+    password_file.write_text("from-file\n")
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read until a connection is made")
+    common = {
+        "redis_url": "rediss://app:from-url@127.0.0.1:7000/0",
+        "redis_password_file": password_file,
+        "redis_ca_file": ca,
+        "redis_timeout_ms": 1234,
+        "stream": "{orders}",
+    }
+
+    async def main() -> None:
+        cluster = topology.build_client(Settings(**common), "cluster")
+        options = cluster.get_connection_kwargs()
+        assert (options["password"], options["username"], options["socket_timeout"]) == ("from-file", "app", 1.234)
+        assert options["ssl_ca_certs"] == str(ca)
+        assert options["connection_class"].__name__ == "HiredisPackingSSLConnection"
+        assert all(node.connection_class is options["connection_class"] for node in cluster.startup_nodes)
+        await cluster.aclose()
+
+        sentinel = await topology.create_client(
+            Settings(**common, redis_sentinels="127.0.0.1:1", redis_sentinel_master="main")
+        )
+        pool = sentinel.connection_pool
+        assert (pool.connection_kwargs["password"], pool.connection_kwargs["username"]) == ("from-file", "app")
+        assert pool.connection_kwargs["ssl_ca_certs"] == str(ca)
+        assert pool.connection_class.__name__ == "HiredisPackingSentinelManagedSSLConnection"
+        [sentinel_client] = pool.sentinel_manager.sentinels
+        sentinel_options = sentinel_client.connection_pool.connection_kwargs
+        assert "password" not in sentinel_options or sentinel_options["password"] is None
+        assert sentinel_options["socket_timeout"] == 1.234
+        await sentinel.aclose()
+
+    asyncio.run(main())
