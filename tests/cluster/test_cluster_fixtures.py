@@ -72,3 +72,20 @@ def test_stopping_leaves_no_process_behind() -> None:
     setup.stop()
     assert all(process.poll() is not None for process in processes)
     assert not setup.directory.exists()
+
+
+def test_redis_cli_reshard_moves_slots_and_their_keys(cluster_url, cluster) -> None:
+    def slots_of(port: int) -> int:
+        with cluster.client() as client:
+            return sum(
+                int(e) - int(s) + 1 for s, e, p, *_ in client.execute_command("CLUSTER", "SLOTS") if int(p[1]) == port
+            )
+
+    source, target = cluster.primary_ports()[:2]
+    before = slots_of(source), slots_of(target)
+    with cluster.cluster_client() as client:
+        for n in range(200):
+            client.set(f"key{n}", n)
+        cluster.reshard(source, target, 100)
+        assert (slots_of(source), slots_of(target)) == (before[0] - 100, before[1] + 100)
+        assert [client.get(f"key{n}") for n in range(200)] == [str(n) for n in range(200)]
