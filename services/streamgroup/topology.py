@@ -301,6 +301,27 @@ class KeyConnections:
         else:
             self._asked[error.slot_id] = (error.host, error.port)
 
+    async def failed(self, error: BaseException) -> bool:
+        """After a command sent on a lease failed (release the lease as broken first): note a
+        redirect or refresh the slot map. True if the command should go again at once:
+        - MOVED / ASK (a slot moved or is moving);
+        - UNBLOCKED: Redis 7.0 answers a blocked XREADGROUP so when its slot is moved away
+          ("the stream key no longer exists", after MIGRATE) or its node turns replica in a
+          failover ("instance state changed"); Valkey sends MOVED or ASK instead.
+        False for anything else; after a connection error the slot map is refreshed (a failover
+        may have changed who serves the slot), and the caller backs off as for any outage."""
+        if isinstance(error, (MovedError, AskError)) and self.is_cluster:
+            await self.redirected(error)
+            return True
+        if isinstance(error, ResponseError) and str(error).startswith("UNBLOCKED"):
+            with contextlib.suppress(RedisConnectionError, RedisTimeoutError, *CLUSTER_OUTAGES):
+                await self.refresh()
+            return True
+        if isinstance(error, (RedisConnectionError, RedisTimeoutError, OSError)):
+            with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError, *CLUSTER_OUTAGES):
+                await self.refresh()
+        return False
+
     async def refresh(self) -> None:
         """Ask the cluster again who serves which slot (after a connection error: a failover)."""
         if isinstance(self._client, RedisCluster):

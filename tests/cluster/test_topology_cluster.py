@@ -18,7 +18,7 @@ from streamgroup.errors import EXIT_CONFIG, ConfigError
 from streamgroup.keys import StreamKeys
 from streamgroup.scripts import Scripts
 from streamgroup.settings import Settings
-from support.cluster import DevCluster
+from support.cluster import DevCluster, wait_for
 from support.handsent import ids_of, read_command, send_by_hand
 
 GROUP = "g"
@@ -319,3 +319,45 @@ def test_a_cluster_with_no_node_reachable_raises_an_outage(kind: str) -> None:
                 await fresh.aclose()
 
         asyncio.run(main())
+
+
+def test_a_blocked_read_follows_its_slot_when_it_moves_and_when_its_node_fails_over(cluster_url, cluster) -> None:
+    """A consumer waits in XREADGROUP ... BLOCK. Redis 7.0 ends that wait with UNBLOCKED when the
+    stream is migrated away or its node becomes a replica; Valkey with ASK or MOVED. Either way
+    the read goes again to the node now serving the slot and gets what is added there."""
+    name = "{blocked}"
+
+    async def main() -> None:
+        client = await topology.create_client(Settings(redis_url=cluster_url, stream=name))
+        connections = topology.KeyConnections(client)
+        try:
+            await streams.ensure_group(client, _keys(name))
+            for disturb in (
+                lambda: cluster.move_slot_of(name),
+                lambda: _manual_failover(cluster, cluster.owner_of(name)),
+            ):
+                redirects: list[str] = []
+                blocked_read = (*read_command(name, GROUP, "c1")[:6], "BLOCK", 60_000, "STREAMS", name, ">")
+                read = asyncio.create_task(send_by_hand(connections, name, [blocked_read], redirects))
+                await asyncio.sleep(0.5)  # sent and blocked
+                await asyncio.get_running_loop().run_in_executor(None, disturb)
+                while not redirects:
+                    assert not read.done(), read.result()
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.5)  # blocked again, on the new node
+                added = (await client.xadd(name, {"n": "1"})).decode()
+                assert ids_of(await asyncio.wait_for(read, 30)) == [added]
+                assert set(redirects) <= {"UNBLOCKED", "AskError", "MovedError"}
+        finally:
+            await client.aclose()
+
+    _run(main())
+
+
+def _manual_failover(cluster: DevCluster, primary: int) -> None:
+    """CLUSTER FAILOVER on the primary's replica: a coordinated switch that loses nothing."""
+    replica = cluster.replicas_of(primary)[0]
+    with cluster.client(replica) as client:
+        client.execute_command("CLUSTER", "FAILOVER")
+    wait_for(lambda: cluster.primary_ports().count(replica) == 1, "the replica to take over")
+    cluster.wait_healthy()

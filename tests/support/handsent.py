@@ -5,19 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from redis.exceptions import AskError, MovedError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from streamgroup.topology import KeyConnections
 
 
 async def send_by_hand(
     connections: KeyConnections, key: str, commands: Sequence[tuple], redirects: list[str] | None = None
 ) -> object:
-    """Send `commands` in one write on the node serving `key`; return the last reply. A MOVED or
-    ASK is followed (and noted in `redirects`); any other error is raised after the connection,
-    which may still owe replies, is closed."""
+    """Send `commands` in one write on the node serving `key`; return the last reply. A MOVED,
+    ASK or UNBLOCKED is followed (and its class noted in `redirects`); any other error is raised
+    after the connection, which may still owe replies, is closed."""
     for _ in range(16):
         lease = await connections.acquire(key)
         connection = lease.connection
@@ -25,18 +21,12 @@ async def send_by_hand(
         try:
             await connection.send_packed_command(connection.pack_commands(prepared), check_health=False)
             replies = [await connection.read_response() for _ in prepared]
-        except (MovedError, AskError) as exc:
+        except BaseException as exc:
             await connections.release(lease, broken=True)
-            await connections.redirected(exc)
-            if redirects is not None:
-                redirects.append(type(exc).__name__)
-            continue
-        except (RedisConnectionError, RedisTimeoutError, OSError):
-            await connections.release(lease, broken=True)
-            await connections.refresh()
-            raise
-        except BaseException:
-            await connections.release(lease, broken=True)
+            if await connections.failed(exc):
+                if redirects is not None:
+                    redirects.append(type(exc).__name__ if not str(exc).startswith("UNBLOCKED") else "UNBLOCKED")
+                continue
             raise
         await connections.release(lease)
         return replies[-1]
