@@ -106,3 +106,36 @@ def test_the_client_leaves_an_old_primary_that_still_takes_writes(kind: str) -> 
                 await client.aclose()
 
         asyncio.run(main())
+
+
+def test_a_blocked_read_moves_to_the_new_primary_after_a_failover(sentinel_group: DevSentinel) -> None:
+    """A consumer waiting in XREADGROUP ... BLOCK on the old primary: its connection is closed when
+    the sentinels announce the switch (or, on Redis 7.0, the demoted primary answers UNBLOCKED),
+    and the read, sent again by the caller's loop, waits on the new primary."""
+    errors: list[str] = []
+
+    async def main() -> None:
+        client = await topology.create_client(_settings(sentinel_group))
+        connections = topology.KeyConnections(client)
+        try:
+            await streams.ensure_group(client, KEYS)
+            blocked_read = (*read_command(KEYS.stream, "g", "c1")[:6], "BLOCK", 60_000, "STREAMS", KEYS.stream, ">")
+
+            async def read_until_served():
+                return await _retried(lambda: send_by_hand(connections, KEYS.stream, [blocked_read]), errors)
+
+            read = asyncio.create_task(read_until_served())
+            await asyncio.sleep(0.5)
+            _, new = await asyncio.get_running_loop().run_in_executor(None, sentinel_group.failover)
+            while not errors:
+                assert not read.done(), read.result()
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1)  # blocked again, on the new primary
+            with redis.Redis(port=new) as primary:
+                added = primary.xadd(KEYS.stream, {"n": "1"}).decode()
+            assert ids_of(await asyncio.wait_for(read, 30)) == [added]
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+    print("errors the blocked read saw:", sorted(set(errors)))

@@ -3,9 +3,13 @@ GroupReader sends its pipelined XACK + XREADGROUP: the pattern it needs on a clu
 
 from __future__ import annotations
 
+import asyncio
+import math
 from collections.abc import Sequence
 
 from streamgroup.topology import KeyConnections
+
+REPLY_TIMEOUT = 90.0
 
 
 async def send_by_hand(
@@ -20,7 +24,8 @@ async def send_by_hand(
         prepared = lease.prepare(commands)
         try:
             await connection.send_packed_command(connection.pack_commands(prepared), check_health=False)
-            replies = [await connection.read_response() for _ in prepared]
+            async with asyncio.timeout(REPLY_TIMEOUT):  # a BLOCK longer than the socket timeout is fine
+                replies = [await connection.read_response(timeout=math.inf) for _ in prepared]
         except BaseException as exc:
             await connections.release(lease, broken=True)
             if await connections.failed(exc):
