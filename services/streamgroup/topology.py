@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -167,9 +168,14 @@ class _SentinelManagedRedis(aioredis.Redis):
             await pubsub.subscribe(SWITCH_MASTER)
             await self._leave_if_moved(pool)  # a switch announced while nobody listened
             backoff.reset()
+            checked = time.monotonic()
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message is None:
+                    if time.monotonic() - checked >= RECHECK_SECONDS:
+                        # A sentinel cut off without a word would leave this silent forever: ask.
+                        await self._leave_if_moved(pool)
+                        checked = time.monotonic()
                     continue
                 name, *_old, new_host, new_port = _text(message["data"]).split()
                 if name == pool.service_name:
@@ -202,6 +208,7 @@ class _SentinelManagedRedis(aioredis.Redis):
                 await manager.aclose()
 
 
+RECHECK_SECONDS = 5.0  # between asking the sentinels who the primary is, when none announced a switch
 SWITCH_MASTER = "+switch-master"  # Sentinel's announcement: "<name> <old ip> <old port> <new ip> <new port>"
 
 
