@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from streamgroup.settings import Settings
@@ -16,3 +17,52 @@ class StreamKeys:
     @classmethod
     def from_settings(cls, settings: Settings) -> StreamKeys:
         return cls(stream=settings.stream, group=settings.group, dead_letter=settings.dead_letter_key)
+
+
+# Sharded streams (issue 10). Pure functions, not used by the services yet: there is no
+# STREAMGROUP_SHARDS setting until a service reads and writes shards.
+
+
+def shard_keys(stream: str, group: str, shards: int, dead_letter_stream: str | None = None) -> list[StreamKeys]:
+    """The keys of each shard of one logical stream.
+
+    One shard: exactly the keys of today (`stream`, and `dead_letter_stream` or `<stream>:dead`).
+    N shards: shard i is `{<stream>:<i>}`, its dead-letter stream `{<stream>:<i>}:dead` (or
+    `{<stream>:<i>}:<dead_letter_stream>`): a hash tag of its own, so a cluster can put each shard
+    on another node, and the dead-letter stream in its shard's slot, so dead-lettering stays one
+    script. Braces in the names are dropped inside the tag (`{orders}` gives `{orders:0}`), since
+    only the first `{...}` of a key is hashed."""
+    if shards < 1:
+        raise ValueError(f"shards must be at least 1, not {shards}")
+    if shards == 1:
+        return [StreamKeys(stream, group, dead_letter_stream or f"{stream}:dead")]
+    base = _untagged(stream)
+    suffix = _untagged(dead_letter_stream) if dead_letter_stream else "dead"
+    return [StreamKeys(f"{{{base}:{i}}}", group, f"{{{base}:{i}}}:{suffix}") for i in range(shards)]
+
+
+def _untagged(name: str) -> str:
+    return name.replace("{", "").replace("}", "")
+
+
+def shard_of(value: bytes | str, shards: int) -> int:
+    """The shard for a partition value: the same value always goes to the same shard, so its
+    messages keep their order, in every process and Python version (no salted hash()).
+
+    shard = jump_hash(first 8 bytes of BLAKE2b(value as UTF-8), big-endian, shards): Lamping and
+    Veach's jump consistent hash, which, when N grows to N+1, moves only about 1/(N+1) of the
+    values, and all of them to the new shard."""
+    if shards < 1:
+        raise ValueError(f"shards must be at least 1, not {shards}")
+    data = value.encode() if isinstance(value, str) else value
+    return jump_hash(int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big"), shards)
+
+
+def jump_hash(key: int, buckets: int) -> int:
+    """Jump consistent hash (Lamping & Veach 2014, arXiv:1406.2294) of a 64-bit key."""
+    bucket, candidate = -1, 0
+    while candidate < buckets:
+        bucket = candidate
+        key = (key * 2862933555777941757 + 1) & 0xFFFFFFFFFFFFFFFF
+        candidate = int((bucket + 1) * ((1 << 31) / ((key >> 33) + 1)))
+    return bucket

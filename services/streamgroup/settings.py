@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     redis_cert_file: FilePath | None = None
     redis_key_file: FilePath | None = None
     redis_timeout_ms: PositiveMs = 10_000
+    # Deployment (streamgroup.topology): auto asks the URL's server whether it is a cluster node;
+    # sentinel finds the primary through the sentinels (the URL then gives credentials, TLS, db).
+    redis_mode: Literal["auto", "standalone", "cluster", "sentinel"] = "auto"
+    redis_sentinels: str | None = Field(None, min_length=1)
+    redis_sentinel_master: str | None = Field(None, min_length=1)
 
     # What to work on.
     stream: str = Field("messageStream", min_length=1)
@@ -85,13 +90,52 @@ class Settings(BaseSettings):
             raise ValueError(f"URL scheme must be one of {', '.join(REDIS_URL_SCHEMES)}, not {scheme!r}")
         return value
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_list(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_addresses(value)
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        sentinel_given = self.redis_sentinels is not None or self.redis_sentinel_master is not None
+        if self.redis_mode == "sentinel" or (self.redis_mode == "auto" and sentinel_given):
+            if self.redis_sentinels is None or self.redis_sentinel_master is None:
+                raise ValueError(
+                    "Sentinel needs both STREAMGROUP_REDIS_SENTINELS (host:port,...) and "
+                    "STREAMGROUP_REDIS_SENTINEL_MASTER (the name the sentinels monitor)"
+                )
+        elif sentinel_given:
+            raise ValueError(
+                "STREAMGROUP_REDIS_SENTINELS and STREAMGROUP_REDIS_SENTINEL_MASTER apply only with "
+                f"STREAMGROUP_REDIS_MODE=sentinel or auto, not {self.redis_mode}"
+            )
+        url = urlsplit(self.redis_url.get_secret_value())
+        if self.redis_mode in ("cluster", "sentinel") and url.scheme == "unix":
+            raise ValueError(
+                f"STREAMGROUP_REDIS_MODE={self.redis_mode} needs a redis:// or rediss:// STREAMGROUP_REDIS_URL, "
+                "not a unix socket"
+            )
+        if self.redis_mode == "cluster" and self.redis_db != 0:
+            raise ValueError("STREAMGROUP_REDIS_URL: a Redis Cluster has only database 0, the URL names another")
         if (self.redis_cert_file is None) != (self.redis_key_file is None):
             raise ValueError("STREAMGROUP_REDIS_CERT_FILE and STREAMGROUP_REDIS_KEY_FILE go together")
         if self.dead_letter_stream == self.stream:
             raise ValueError("STREAMGROUP_DEAD_LETTER_STREAM must differ from STREAMGROUP_STREAM")
         return self
+
+    @property
+    def redis_db(self) -> int:
+        """The database number the URL names (its path, or a `db` query argument); 0 if none."""
+        parts = urlsplit(self.redis_url.get_secret_value())
+        query = dict(parse_qsl(parts.query))
+        text = query.get("db") or (parts.path.strip("/") if parts.scheme != "unix" else "") or "0"
+        return int(text) if text.isdigit() else 0
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        return parse_addresses(self.redis_sentinels or "")
 
     @property
     def dead_letter_key(self) -> str:
@@ -151,6 +195,18 @@ def load_settings() -> Settings:
     if problems or settings is None:
         raise ConfigError(problems)
     return settings
+
+
+def parse_addresses(text: str) -> list[tuple[str, int]]:
+    """'host:port,host:port' (an IPv6 host in brackets) as [(host, port), ...]."""
+    addresses = []
+    for item in text.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected host:port[,host:port...], got {item.strip()!r} in it")
+        addresses.append((host, int(port)))
+    return addresses
 
 
 def read_password_file(path: Path) -> str:
