@@ -1,7 +1,8 @@
 """A small asyncio HTTP server for /metrics, /healthz and /readyz, on the service's own event loop.
 
 Living on the service's loop is deliberate: if the loop is stuck, /healthz stops answering and the
-liveness probe notices.
+liveness probe notices. A worker can add its own liveness predicate (is_live), e.g. "the
+handler pool is not wedged", to turn /healthz into 503 as well.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 
+def _always_live() -> bool:
+    return True
+
+
 def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
     head = (
         f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -21,7 +26,11 @@ def _response(status: str, body: bytes, content_type: str = "text/plain; charset
 
 
 async def start_http_server(
-    port: int, registry: CollectorRegistry, is_ready: Callable[[], bool], host: str = "0.0.0.0"
+    port: int,
+    registry: CollectorRegistry,
+    is_ready: Callable[[], bool],
+    host: str = "0.0.0.0",
+    is_live: Callable[[], bool] = _always_live,
 ) -> asyncio.Server:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -37,7 +46,8 @@ async def start_http_server(
             if path == "/metrics":
                 reply = _response("200 OK", generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
-                reply = _response("200 OK", b"ok\n")
+                live = is_live()
+                reply = _response("200 OK" if live else "503 Service Unavailable", b"ok\n" if live else b"not live\n")
             elif path == "/readyz":
                 ready = is_ready()
                 reply = _response(
