@@ -29,7 +29,8 @@ class Reclaimer:
     async def run(self) -> None:
         service = self._service
         await streams.ensure_group(service.client, service.keys)
-        collector = asyncio.create_task(self.collect_group_metrics(), name="group-metrics")
+        run_over = asyncio.Event()
+        collector = asyncio.create_task(self.collect_group_metrics(run_over), name="group-metrics")
         try:
             while not service.stopping.is_set():
                 await self.reclaim_pass()
@@ -42,9 +43,12 @@ class Reclaimer:
                 self._refresh.set()  # show what the pass changed without waiting for the interval
                 await service.sleep(service.settings.reclaim_interval_ms / 1000.0)
         finally:
+            # Cancelling alone is not enough: redis-py may turn a cancellation in the middle of a
+            # connection attempt into a ConnectionError, which the collector waits out as an outage.
+            run_over.set()
+            self._refresh.set()
             collector.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await collector
+            await asyncio.wait({collector}, timeout=service.settings.redis_timeout_ms / 1000.0)
             # Disconnected or stopping: export nothing rather than values nobody refreshes.
             service.metrics.hide_group()
 
@@ -52,12 +56,14 @@ class Reclaimer:
         service = self._service
         return await groupstats.collect(service.client, service.keys, service.settings.claim_min_idle_ms)
 
-    async def collect_group_metrics(self) -> None:
+    async def collect_group_metrics(self, run_over: asyncio.Event) -> None:
         """Export the group gauges every GROUP_METRICS_INTERVAL_MS, whatever the reclaim pass is doing."""
         service = self._service
-        while not service.stopping.is_set():
+        while not (service.stopping.is_set() or run_over.is_set()):
             try:
-                self.export_group_metrics(await self.collect())
+                stats = await self.collect()
+                if not run_over.is_set():
+                    self.export_group_metrics(stats)
             except Exception as exc:
                 if not is_outage(exc):
                     raise
