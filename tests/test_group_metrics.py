@@ -25,8 +25,7 @@ def test_gauges_keep_moving_while_a_reclaim_pass_hangs(services: Services, r: re
         HANDLER="support.handlers:record",
         TESTHANDLER_SLEEP_S=600,  # the handler hangs: so does the reclaim pass
         CLAIM_MIN_IDLE_MS=200,
-        RECLAIM_INTERVAL_MS=100,
-        GROUP_METRICS_INTERVAL_MS=100,
+        RECLAIM_INTERVAL_MS=100,  # the group metrics' interval too, by default
     )
     wait_for(lambda: r.exists(f"calls:{ids[0]}"), timeout=30, what="the reclaimer stuck in a handler")
     for n in range(50):

@@ -113,12 +113,11 @@ def test_masterdown_during_a_failover_is_an_outage(kind: str, tmp_path: Path, st
         _finish(procs, r)
 
 
-@pytest.mark.parametrize("kind", KINDS)
 def test_out_of_memory_is_an_outage_and_start_up_tolerates_an_existing_group(
-    kind: str, tmp_path: Path, started: list, r: redis.Redis, redis_url: str
+    tmp_path: Path, started: list, r: redis.Redis, redis_url: str, server: DevServer
 ) -> None:
-    # The handlers record in the session's server (`r`), so that OOM here only hits the services.
-    with DevServer(kind) as server:
+    # The handlers record in the session's server (`r`), so that OOM here only hits the services'.
+    with DevServer(server.kind) as server:
         target = redis.Redis(port=server.port, decode_responses=True)
         services = Services(server.url, tmp_path)
         started.append(services)

@@ -196,3 +196,19 @@ def test_healthz_follows_the_liveness_check() -> None:
         return codes
 
     assert asyncio.run(probe()) == [200, 503]
+
+
+@pytest.mark.parametrize("kind", ["redis", "valkey"])
+def test_a_pooled_connection_the_server_closed_while_idle_is_replaced_quietly(kind: str, tmp_path: Path) -> None:
+    """Without redis-py's blind retry, a connection Redis closed while idle (`timeout 1`) must
+    still be replaced before anything is written to it, not reported as an outage."""
+    with DevServer(kind, extra_args=["--timeout", "1"]) as server:
+        r = redis.Redis(port=server.port, decode_responses=True)
+        services = Services(server.url, tmp_path)
+        try:
+            producer = services.start("producer", PRODUCERS=2, PRODUCER_INTERVAL_MS=2500, MAX_MESSAGES=6)
+            assert producer.wait(60) == 0, producer.output
+            assert r.xlen(STREAM) == 6
+            assert "redis unavailable" not in producer.output
+        finally:
+            services.stop_all()

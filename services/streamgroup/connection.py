@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import DataError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from streamgroup.errors import RedisRefusedError
 from streamgroup.redis_errors import REFUSED, classify, refusal_text
@@ -31,9 +32,14 @@ def client_options(settings: Settings) -> dict[str, Any]:
         # No retry inside redis-py: it cannot tell a command that never left from one whose reply
         # is merely late, and re-sending a script or XADD after a slow reply does it twice. A
         # pooled connection the server closed while idle is replaced by the pool before anything
-        # is written to it (ConnectionPool.ensure_connection); every other failure goes to the
-        # service's loop, which backs off, reports, and lets the worker resume idempotently.
+        # is written to it (ConnectionPool.ensure_connection, see maint_notifications_config);
+        # every other failure goes to the service's loop, which backs off, reports, and lets the
+        # worker resume idempotently.
         "retry": Retry(NoBackoff(), 0),
+        # redis-py 8 skips that check on checkout while maintenance notifications are on ("auto"
+        # by default): a connection Redis closed while idle (its `timeout`) would then receive
+        # the next command and fail. They only matter for Redis Enterprise/Cloud failovers.
+        "maint_notifications_config": MaintNotificationsConfig(enabled=False),
     }
     if urlsplit(settings.redis_url.get_secret_value()).scheme != "unix":
         options["socket_keepalive"] = True  # TCP only: redis-py 8's Unix socket connection rejects it
