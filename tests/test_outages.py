@@ -126,7 +126,7 @@ def test_out_of_memory_is_an_outage_and_start_up_tolerates_an_existing_group(
             "producer", name="producer", metrics=True, PRODUCERS=3, PRODUCER_INTERVAL_MS=100, MAX_MESSAGES=300
         )
         consumer = services.start("consumer", name="consumer-a", **record)
-        wait_for(lambda: target.xlen(STREAM) >= 30, timeout=30, what="the producer at work")
+        wait_for(lambda: len(r.lrange("done-by", 0, -1)) >= 30, timeout=30, what="the group at work")
 
         target.config_set("maxmemory-policy", "noeviction")
         target.config_set("maxmemory", "1")
