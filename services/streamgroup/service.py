@@ -31,6 +31,8 @@ from streamgroup.settings import Settings, load_settings
 
 log = get_logger("streamgroup.service")
 
+RECOVERED_AFTER_SECONDS = 1.0
+
 
 @dataclass
 class Service:
@@ -172,15 +174,25 @@ async def _serve(service: Service, worker: Worker) -> int:
     """Run the worker; wait out every outage with backoff; return an exit code only when stopping
     or when Redis refuses us in a way no retry can change."""
     backoff = Backoff()
+    loop = asyncio.get_running_loop()
     while not service.stopping.is_set():
         connected_at = None
+        becoming_ready = None
         try:
             server = await check_server(service.client)
             connected_at = time.monotonic()
-            _set_ready(service, True)
+            if backoff.attempt == 0:
+                _set_ready(service, True)
+            else:
+                # INFO answers during BUSY or OOM while the worker's first command fails at once:
+                # ready again only once the worker has kept going for a moment, so readiness and
+                # streamgroup_redis_connected do not flicker through an outage.
+                becoming_ready = loop.call_later(RECOVERED_AFTER_SECONDS, _set_ready, service, True)
             log.info("connected to redis", server=server)
             await worker.run()
         except Exception as exc:
+            if becoming_ready is not None:
+                becoming_ready.cancel()
             verdict = classify(exc)
             if verdict is None:
                 raise  # not a Redis failure: a bug, and a traceback says where
