@@ -93,6 +93,28 @@ def test_a_slow_reply_does_not_add_the_producers_batch_twice(services: Services,
     assert set(triples) == {(run, str(p), str(s)) for p in (1, 2, 3) for s in range(1, 21)}
 
 
+def test_a_reply_nobody_foresaw_is_waited_out_loudly_not_a_crash(services: Services, r: redis.Redis, server) -> None:
+    proxy = SilentProxy(server.port)
+    try:
+        proxy.inject_reply = b"-WEIRDERR a reply streamgroup has never heard of\r\n"
+        producer = services.start(
+            "producer",
+            metrics=True,
+            REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0",
+            PRODUCER_INTERVAL_MS=0,
+            MAX_MESSAGES=5,
+        )
+        wait_for(lambda: "WEIRDERR" in producer.output and "Traceback" in producer.output, what="logged loudly")
+        assert producer.alive()
+        assert producer.get("/readyz")[0] == 503
+        assert producer.metric("streamgroup_redis_errors_total", kind="unexpected") >= 1
+        proxy.inject_reply = None
+        assert producer.wait(60) == 0
+    finally:
+        proxy.close()
+    assert r.xlen(STREAM) == 5
+
+
 def test_every_producer_run_has_its_own_identity(services: Services, r: redis.Redis) -> None:
     for _ in range(2):
         assert services.start("producer", PRODUCERS=2, PRODUCER_INTERVAL_MS=0, MAX_MESSAGES=4).wait(30) == 0
