@@ -43,8 +43,9 @@ class Reclaimer:
                 self._refresh.set()  # show what the pass changed without waiting for the interval
                 await service.sleep(service.settings.reclaim_interval_ms / 1000.0)
         finally:
-            # Cancelling alone is not enough: redis-py may turn a cancellation in the middle of a
-            # connection attempt into a ConnectionError, which the collector waits out as an outage.
+            # Cancelling alone is not enough: with Redis killed, the collector was seen to lose the
+            # cancellation somewhere inside redis-py and go on collecting (not reproduced outside a
+            # service process), so it also stops at its next turn when the run is over.
             run_over.set()
             self._refresh.set()
             collector.cancel()
