@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from streamgroup.keys import PRODUCER_RUN_INFIX
+
 SERVICES = ("producer", "consumer", "reclaimer", "status")
 
 # Every connection: PING (redis-py's health check on idle connections) and INFO (the server-version
@@ -29,6 +31,8 @@ CLIENT_SETINFO = "+client|setinfo"
 COMMANDS: Mapping[str, tuple[str, ...]] = {
     "producer": (
         "+xadd",  # inside the batch script (streamgroup.scripts.ADD_BATCH)
+        "+get",  # ... which reads and sets the run's marker (<stream>:producer-run:<run>) so a
+        "+set",  # batch sent again after a late reply is not added twice
         "+evalsha",  # one script call per 1,000 messages ...
         "+script|load",  # ... loaded once per server when EVALSHA answers NOSCRIPT
     ),
@@ -99,6 +103,8 @@ def rule(
             raise ValueError(f"key {key!r} contains white space, which an ACL rule cannot express")
     stream_access, dead_access = KEY_ACCESS[service]
     keys = [stream_access + escape_key_pattern(stream)]
+    if service == "producer":
+        keys.append("~" + escape_key_pattern(stream + PRODUCER_RUN_INFIX) + "*")
     if dead_access is not None:
         keys.append(dead_access + escape_key_pattern(dead_letter or f"{stream}:dead"))
     commands = [*CONNECTION, *([CLIENT_SETINFO] if client_setinfo else []), *COMMANDS[service]]

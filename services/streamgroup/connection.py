@@ -10,9 +10,11 @@ import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, AuthorizationError, DataError, ResponseError
+from redis.exceptions import DataError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from streamgroup.errors import RedisRefusedError
+from streamgroup.redis_errors import REFUSED, classify, refusal_text
 from streamgroup.settings import Settings, read_password_file
 
 MIN_REDIS_VERSION = (7, 0)
@@ -24,15 +26,23 @@ def client_options(settings: Settings) -> dict[str, Any]:
         "decode_responses": False,  # fields may be binary; a bad entry must not break a whole read
         "health_check_interval": 30,
         "socket_connect_timeout": 5,
-        "socket_keepalive": True,
         # A peer that vanished without closing the connection (a partition, a dead node) is noticed
         # by this, not by TCP keepalive's two hours; the consumer's reads add BLOCK_MS to it.
         "socket_timeout": settings.redis_timeout_ms / 1000.0,
-        # One retry at once, on a fresh connection (a pooled one the server closed while idle);
-        # beyond that the service's own loop backs off and reports. redis-py's default of ten
-        # retries with backoff would hide a silent Redis for ten timeouts.
-        "retry": Retry(NoBackoff(), 1),
+        # No retry inside redis-py: it cannot tell a command that never left from one whose reply
+        # is merely late, and re-sending a script or XADD after a slow reply does it twice. A
+        # pooled connection the server closed while idle is replaced by the pool before anything
+        # is written to it (ConnectionPool.ensure_connection, see maint_notifications_config);
+        # every other failure goes to the service's loop, which backs off, reports, and lets the
+        # worker resume idempotently.
+        "retry": Retry(NoBackoff(), 0),
+        # redis-py 8 skips that check on checkout while maintenance notifications are on ("auto"
+        # by default): a connection Redis closed while idle (its `timeout`) would then receive
+        # the next command and fail. They only matter for Redis Enterprise/Cloud failovers.
+        "maint_notifications_config": MaintNotificationsConfig(enabled=False),
     }
+    if urlsplit(settings.redis_url.get_secret_value()).scheme != "unix":
+        options["socket_keepalive"] = True  # TCP only: redis-py 8's Unix socket connection rejects it
     if settings.redis_password_file is not None:
         options["password"] = read_password_file(settings.redis_password_file)
     if settings.redis_ca_file is not None:
@@ -104,11 +114,9 @@ async def check_server(client: aioredis.Redis) -> str:
     """Return 'redis 7.0.15' or 'valkey 9.1.2'; raise RedisRefusedError on a server too old for us."""
     try:
         info = await client.info("server")
-    except (AuthenticationError, AuthorizationError) as exc:
-        raise RedisRefusedError(f"Redis refused the credentials: {exc}") from exc
-    except ResponseError as exc:
-        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc) or "NOPERM" in str(exc):
-            raise RedisRefusedError(f"Redis refused the credentials: {exc}") from exc
+    except Exception as exc:
+        if classify(exc) is REFUSED:
+            raise RedisRefusedError(refusal_text(exc)) from exc
         raise
     name, version, problem = judge_server(info)
     if problem:

@@ -28,10 +28,11 @@ class GroupStats:
     lag: int | None  # None: Redis does not know (after XGROUP SETID, deletions or trims)
     pending: int
     oldest_pending_id: str | None
-    oldest_pending_age_seconds: float
+    oldest_pending_age_seconds: float  # since the oldest pending entry was added (its ID), not since delivery
     last_delivered_id: str | None
     entries_read: int | None
     dead_letter_length: int
+    oldest_pending_idle_seconds: float = 0.0  # see oldest_pending_idle for its bound
     consumers: list[ConsumerStats] = field(default_factory=list)
     stream_exists: bool = True
 
@@ -49,7 +50,28 @@ def _text(value: object) -> str | None:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def collect(client: aioredis.Redis, keys: StreamKeys) -> GroupStats:
+# XPENDING rows looked at for the oldest idle time, so a huge pending list costs a bounded reply.
+IDLE_SCAN_ROWS = 100
+DEFAULT_CLAIM_MIN_IDLE_MS = 60_000
+
+
+async def oldest_pending_idle(client: aioredis.Redis, keys: StreamKeys, claim_min_idle_ms: int) -> float:
+    """The largest idle time (since last delivery) among pending entries, in seconds.
+
+    Bounded: first the entries idle at least the claim window (XPENDING ... IDLE), at most
+    IDLE_SCAN_ROWS of them, so any entry past the window is reported as past it; when there is
+    none, the largest idle among the IDLE_SCAN_ROWS oldest pending entries (all within the window).
+    """
+    for idle in (claim_min_idle_ms, None):
+        rows = await client.xpending_range(keys.stream, keys.group, "-", "+", IDLE_SCAN_ROWS, idle=idle)
+        if rows:
+            return max(int(row["time_since_delivered"]) for row in rows) / 1000.0
+    return 0.0
+
+
+async def collect(
+    client: aioredis.Redis, keys: StreamKeys, claim_min_idle_ms: int = DEFAULT_CLAIM_MIN_IDLE_MS
+) -> GroupStats:
     async with client.pipeline(transaction=False) as pipe:
         pipe.xlen(keys.stream)
         pipe.xlen(keys.dead_letter)
@@ -64,17 +86,17 @@ async def collect(client: aioredis.Redis, keys: StreamKeys) -> GroupStats:
         group = next((g for g in groups if _text(g["name"]) == keys.group), None)
     if group is None:
         return GroupStats(
-            keys.stream,
-            keys.group,
-            stream_length,
-            False,
-            None,
-            0,
-            None,
-            0.0,
-            None,
-            None,
-            dead_letter_length,
+            stream=keys.stream,
+            group=keys.group,
+            stream_length=stream_length,
+            group_exists=False,
+            lag=None,
+            pending=0,
+            oldest_pending_id=None,
+            oldest_pending_age_seconds=0.0,
+            last_delivered_id=None,
+            entries_read=None,
+            dead_letter_length=dead_letter_length,
             stream_exists=stream_exists,
         )
 
@@ -82,8 +104,9 @@ async def collect(client: aioredis.Redis, keys: StreamKeys) -> GroupStats:
         pipe.xinfo_consumers(keys.stream, keys.group)
         pipe.xpending(keys.stream, keys.group)
         consumers, summary = await pipe.execute()
-    now = time.time()
     oldest = _text(summary.get("min")) if summary.get("pending") else None
+    idle = await oldest_pending_idle(client, keys, claim_min_idle_ms) if oldest else 0.0
+    now = time.time()
     return GroupStats(
         stream=keys.stream,
         group=keys.group,
@@ -96,6 +119,7 @@ async def collect(client: aioredis.Redis, keys: StreamKeys) -> GroupStats:
         last_delivered_id=_text(group.get("last-delivered-id")),
         entries_read=group.get("entries-read"),
         dead_letter_length=dead_letter_length,
+        oldest_pending_idle_seconds=idle,
         consumers=[
             ConsumerStats(_text(c["name"]) or "", int(c["pending"]), int(c["idle"]) / 1000.0) for c in consumers
         ],

@@ -1,7 +1,8 @@
 """A small asyncio HTTP server for /metrics, /healthz and /readyz, on the service's own event loop.
 
 Living on the service's loop is deliberate: if the loop is stuck, /healthz stops answering and the
-liveness probe notices.
+liveness probe notices. A worker can add its own liveness predicate (is_live), e.g. "the
+handler pool is not wedged", to turn /healthz into 503 as well.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+
+def _always_live() -> bool:
+    return True
 
 
 def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
@@ -25,7 +30,7 @@ async def start_http_server(
     registry: CollectorRegistry,
     is_ready: Callable[[], bool],
     host: str = "0.0.0.0",
-    is_live: Callable[[], bool] = lambda: True,
+    is_live: Callable[[], bool] = _always_live,
 ) -> asyncio.Server:
     """/healthz answers 503 when is_live() is false (the loop runs but the process is stuck, e.g.
     handler threads hang): the liveness probe then restarts it."""

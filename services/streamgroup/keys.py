@@ -7,12 +7,18 @@ from dataclasses import dataclass
 
 from streamgroup.settings import Settings
 
+PRODUCER_RUN_INFIX = ":producer-run:"
+
 
 @dataclass(frozen=True, slots=True)
 class StreamKeys:
     stream: str
     group: str
     dead_letter: str
+
+    def producer_run(self, run: str) -> str:
+        """A producer run's marker: the last batch number of that run the stream holds."""
+        return f"{self.stream}{PRODUCER_RUN_INFIX}{run}"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StreamKeys:

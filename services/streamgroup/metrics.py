@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from streamgroup.redis_errors import OUTAGE_KINDS
+
+if TYPE_CHECKING:
+    from streamgroup.groupstats import GroupStats
 
 PREFIX = "streamgroup"
 OUTCOMES = ("acked", "failed", "dead_lettered")
@@ -75,7 +81,13 @@ class Metrics:
         def gauge(name: str, doc: str, labels: list[str]) -> Gauge:
             return Gauge(f"{PREFIX}_{name}", doc, labels, registry=groups)
 
-        self.redis_connected = Gauge(f"{PREFIX}_redis_connected", "1 while connected to Redis", registry=work)
+        self.redis_connected = Gauge(
+            f"{PREFIX}_redis_connected", "1 while connected to Redis and not in an outage", registry=work
+        )
+        redis_errors = counter(
+            "redis_errors", "Redis failures treated as an outage (retried with backoff), by kind", ["kind"]
+        )
+        self.redis_errors = {kind: redis_errors.labels(kind) for kind in OUTAGE_KINDS}
 
         # Work, exported by the process doing it.
         self.produced = counter("messages_produced", "Messages Redis accepted from the producer", ["stream"]).labels(
@@ -110,32 +122,87 @@ class Metrics:
             "entries_trimmed", "Entries trimmed after every group acknowledged them", ["stream"], groups
         ).labels(stream)
 
-        # Group level, from XINFO / XPENDING / XLEN.
-        self.stream_length = gauge("stream_length", "Entries in the stream (XLEN)", ["stream"]).labels(stream)
-        self.dead_letter_length = gauge(
+        # Group level, from XINFO / XPENDING / XLEN. Absent (not stale) while they cannot be
+        # collected: hide_group() clears them, export_group() brings them back.
+        self._stream_length = gauge("stream_length", "Entries in the stream (XLEN)", ["stream"])
+        self._dead_letter_length = gauge(
             "dead_letter_length", "Entries in the dead-letter stream of this stream", ["stream"]
-        ).labels(stream)
-        self.group_lag = gauge(
-            "group_lag", "Entries not yet delivered to the group (XINFO GROUPS lag); NaN when unknown", sg
-        ).labels(stream, group)
-        self.group_lag_known = gauge(
-            "group_lag_known", "1 when Redis knows the group's lag, 0 when it reports it as unknown", sg
-        ).labels(stream, group)
-        self.group_pending = gauge("group_pending", "Entries delivered and not acknowledged (XPENDING)", sg).labels(
-            stream, group
         )
-        self.oldest_pending_age = gauge(
-            "group_oldest_pending_age_seconds", "Age of the oldest pending entry, from its ID's timestamp", sg
-        ).labels(stream, group)
-        self.group_consumers = gauge("group_consumers", "Consumers registered in the group", sg).labels(stream, group)
-        self.group_consumers_active = gauge(
+        self._group_lag = gauge(
+            "group_lag", "Entries not yet delivered to the group (XINFO GROUPS lag); NaN when unknown", sg
+        )
+        self._group_lag_known = gauge(
+            "group_lag_known", "1 when Redis knows the group's lag, 0 when it reports it as unknown", sg
+        )
+        self._group_pending = gauge("group_pending", "Entries delivered and not acknowledged (XPENDING)", sg)
+        self._oldest_pending_age = gauge(
+            "group_oldest_pending_age_seconds",
+            "Time since the oldest pending entry was added (from its ID), not how long it has been pending",
+            sg,
+        )
+        self._oldest_pending_idle = gauge(
+            "group_oldest_pending_idle_seconds",
+            "Largest time since last delivery among pending entries (XPENDING idle); compare with the claim window",
+            sg,
+        )
+        self._group_consumers = gauge("group_consumers", "Consumers registered in the group", sg)
+        self._group_consumers_active = gauge(
             "group_consumers_active", "Consumers other than the reclaimer that interacted with the group recently", sg
-        ).labels(stream, group)
+        )
         self.consumer_pending = gauge("consumer_pending", "Pending entries per consumer", [*sg, "consumer"])
         self.consumer_idle = gauge(
             "consumer_idle_seconds", "Seconds since the consumer's last interaction", [*sg, "consumer"]
         )
+        self._stream_gauges = (self._stream_length, self._dead_letter_length)
+        self._group_gauges = (
+            self._group_lag, self._group_lag_known, self._group_pending, self._oldest_pending_age,
+            self._oldest_pending_idle, self._group_consumers, self._group_consumers_active,
+        )  # fmt: skip
+        self._stream = stream
         self._labels = (stream, group)
+
+        self.export_group_values()
+
+    def export_group_values(
+        self,
+        stream_length: float = 0,
+        dead_letter_length: float = 0,
+        lag: float | None = None,
+        pending: float = 0,
+        oldest_pending_age_seconds: float = 0.0,
+        oldest_pending_idle_seconds: float = 0.0,
+        consumers: float = 0,
+        consumers_active: float = 0,
+    ) -> None:
+        self._stream_length.labels(self._stream).set(stream_length)
+        self._dead_letter_length.labels(self._stream).set(dead_letter_length)
+        sg = self._labels
+        self._group_lag_known.labels(*sg).set(0 if lag is None else 1)
+        self._group_lag.labels(*sg).set(float("nan") if lag is None else lag)
+        self._group_pending.labels(*sg).set(pending)
+        self._oldest_pending_age.labels(*sg).set(oldest_pending_age_seconds)
+        self._oldest_pending_idle.labels(*sg).set(oldest_pending_idle_seconds)
+        self._group_consumers.labels(*sg).set(consumers)
+        self._group_consumers_active.labels(*sg).set(consumers_active)
+
+    def export_group(self, stats: GroupStats, active_within_seconds: float, besides: str) -> None:
+        """Export a snapshot of the stream and group (only the reclaimer does)."""
+        self.export_group_values(
+            stream_length=stats.stream_length,
+            dead_letter_length=stats.dead_letter_length,
+            lag=stats.lag,
+            pending=stats.pending,
+            oldest_pending_age_seconds=stats.oldest_pending_age_seconds,
+            oldest_pending_idle_seconds=stats.oldest_pending_idle_seconds,
+            consumers=len(stats.consumers),
+            consumers_active=stats.active_consumers(active_within_seconds, besides=besides),
+        )
+        self.set_consumers((c.name, c.pending, c.idle_seconds) for c in stats.consumers)
+
+    def hide_group(self) -> None:
+        """Stop exporting the stream and group gauges: a value we cannot refresh is not shown."""
+        for gauge in (*self._stream_gauges, *self._group_gauges, self.consumer_pending, self.consumer_idle):
+            gauge.clear()
 
     def set_consumers(self, consumers: Iterable[tuple[str, int, float]]) -> None:
         """Replace the per-consumer series, so consumers that left the group stop being exported."""

@@ -104,23 +104,36 @@ return redis.call('XTRIM', KEYS[1], 'MINID', floor)
 )
 
 
-# Add a batch of entries in one command: ARGV = field count F, F field names, then F values per
-# entry. One reply instead of one per entry: redis.asyncio spends most of a pipelined XADD batch
-# awaiting and parsing replies one by one. All or none of the batch is added.
+# Add a batch of entries in one command: KEYS = the stream, the producer run's marker; ARGV =
+# batch number, marker lifetime (s), field count F, F field names, then F values per entry. One
+# reply instead of one per entry: redis.asyncio spends most of a pipelined XADD batch awaiting and
+# parsing replies one by one.
+# Idempotent: the marker holds the last batch number of this run the stream already has, so a
+# batch sent again after a lost or late reply is not added twice (returns 0). Lua has no rollback:
+# if an XADD failed midway, the entries before it would stay and the marker would not move, so a
+# resend would add those again (same run, producer and serial). Under maxmemory the first XADD is
+# the one refused (Redis checks OOM before a script's first write only), so nothing is added.
 ADD_BATCH = """
-local width = tonumber(ARGV[1])
+local number = tonumber(ARGV[1])
+local done = redis.call('GET', KEYS[2])
+if done and tonumber(done) >= number then return 0 end
+local width = tonumber(ARGV[3])
 local added = 0
-for first = 2 + width, #ARGV, width do
+for first = 4 + width, #ARGV, width do
   local args = {KEYS[1], '*'}
   for j = 0, width - 1 do
-    args[#args + 1] = ARGV[2 + j]
+    args[#args + 1] = ARGV[4 + j]
     args[#args + 1] = ARGV[first + j]
   end
   redis.call('XADD', unpack(args))
   added = added + 1
 end
+redis.call('SET', KEYS[2], number, 'EX', ARGV[2])
 return added
 """
+
+# How long a run's marker outlives its last batch: longer than any outage the producer rides out.
+PRODUCER_RUN_MARKER_SECONDS = 86_400
 
 
 # Move entries to the dead-letter stream, each only while ARGV[2] (the caller) still owns it in
@@ -203,10 +216,13 @@ class Scripts:
     async def trim_safely(self, min_entries: int) -> int:
         return int(await self._trim(keys=[self._keys.stream], args=[min_entries]))
 
-    async def add_batch(self, names: Sequence[str], rows: Sequence[Sequence[object]]) -> int:
-        """XADD one entry per row (its values for `names`) in a single command."""
+    async def add_batch(self, run: str, number: int, names: Sequence[str], rows: Sequence[Sequence[object]]) -> int:
+        """XADD one entry per row (its values for `names`) in a single command, unless batch
+        `number` of producer run `run` is already in the stream. Returns the entries added."""
         values = [value for row in rows for value in row]
-        return int(await self._add(keys=[self._keys.stream], args=[len(names), *names, *values]))
+        keys = [self._keys.stream, self._keys.producer_run(run)]
+        args = [number, PRODUCER_RUN_MARKER_SECONDS, len(names), *names, *values]
+        return int(await self._add(keys=keys, args=args))
 
     async def dead_letter(self, consumer: str, entries: Sequence[tuple[str, Sequence[bytes | str]]]) -> set[str]:
         """Move (entry id, flat dead-letter fields) pairs to the dead-letter stream, acknowledging

@@ -5,46 +5,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn, Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import (
-    AuthenticationError,
-    AuthorizationError,
-    NoPermissionError,
-    ReadOnlyError,
-    ResponseError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamgroup.backoff import Backoff
 from streamgroup.connection import check_server, create_client
-from streamgroup.errors import EXIT_OK, EXIT_UNEXPECTED, ConfigError, RedisRefusedError
+from streamgroup.errors import EXIT_OK, ConfigError, RedisRefusedError
 from streamgroup.health import start_http_server
 from streamgroup.keys import StreamKeys
 from streamgroup.logs import configure_logging, get_logger
 from streamgroup.metrics import Metrics
+from streamgroup.redis_errors import classify, is_outage, refusal_text
 from streamgroup.settings import Settings, load_settings
 
 log = get_logger("streamgroup.service")
 
-TRANSIENT_ERRORS = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    ConnectionError,
-    TimeoutError,
-    ReadOnlyError,
-)
-TRANSIENT_REPLIES = ("NOGROUP", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+RECOVERED_AFTER_SECONDS = 1.0
 
 
 @dataclass
@@ -59,13 +46,14 @@ class Service:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     grace_expired: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     ready: bool = False
+    # Predicates a worker adds (e.g. "the handler pool is not wedged"); /healthz answers 503 when
+    # one is false, so Kubernetes restarts the process.
     liveness_checks: list[Callable[[], bool]] = field(default_factory=list)
 
     def add_liveness_check(self, check: Callable[[], bool]) -> None:
-        """A check that /healthz runs: when one is false, the process asks to be restarted."""
         self.liveness_checks.append(check)
 
-    def live(self) -> bool:
+    def is_live(self) -> bool:
         return all(check() for check in self.liveness_checks)
 
     def request_stop(self, reason: str) -> None:
@@ -147,9 +135,7 @@ async def _main(name: str, settings: Settings, make_worker: Callable[[Service], 
         loop.add_signal_handler(signum, service.request_stop, signal.Signals(signum).name)
     http = None
     if settings.metrics_port:
-        http = await start_http_server(
-            settings.metrics_port, service.metrics.registry, lambda: service.ready, is_live=service.live
-        )
+        http = await _start_http(service)
     log.info(
         "starting",
         redis=settings.redis_url_redacted,
@@ -169,43 +155,71 @@ async def _main(name: str, settings: Settings, make_worker: Callable[[Service], 
         log.info("stopped")
 
 
+async def _start_http(service: Service) -> asyncio.Server:
+    port = service.settings.metrics_port
+    try:
+        return await start_http_server(port, service.metrics.registry, lambda: service.ready, is_live=service.is_live)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            problem = f"STREAMGROUP_METRICS_PORT: port {port} is already in use (choose another, or 0 for none)"
+        else:
+            problem = f"STREAMGROUP_METRICS_PORT: cannot listen on port {port}: {exc.strerror or exc}"
+        raise ConfigError([problem]) from None
+
+
 async def _close(service: Service, worker: Worker) -> None:
     try:
         await worker.close()
-    except TRANSIENT_ERRORS as exc:
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
         log.warning("could not hand off before exit; the reclaimer will take over", error=str(exc))
 
 
 async def _serve(service: Service, worker: Worker) -> int:
+    """Run the worker; wait out every outage with backoff; return an exit code only when stopping
+    or when Redis refuses us in a way no retry can change."""
     backoff = Backoff()
+    loop = asyncio.get_running_loop()
     while not service.stopping.is_set():
+        connected_at = None
+        becoming_ready = None
         try:
             server = await check_server(service.client)
-            _set_ready(service, True)
+            connected_at = time.monotonic()
+            if backoff.attempt == 0:
+                _set_ready(service, True)
+            else:
+                # INFO answers during BUSY or OOM while the worker's first command fails at once:
+                # ready again only once the worker has kept going for a moment, so readiness and
+                # streamgroup_redis_connected do not flicker through an outage.
+                becoming_ready = loop.call_later(RECOVERED_AFTER_SECONDS, _set_ready, service, True)
             log.info("connected to redis", server=server)
-            backoff.reset()
             await worker.run()
-        except (AuthenticationError, AuthorizationError, NoPermissionError) as exc:
-            return _refused(RedisRefusedError(f"Redis refused us: {exc}"))
-        except RedisRefusedError as exc:
-            return _refused(exc)
-        except TRANSIENT_ERRORS + (ResponseError,) as exc:
-            if isinstance(exc, ResponseError) and "WRONGTYPE" in str(exc):
-                keys = service.keys
-                return _refused(
-                    RedisRefusedError(f"key {keys.stream!r} or {keys.dead_letter!r} exists and is not a stream: {exc}")
-                )
-            if isinstance(exc, ResponseError) and not str(exc).startswith(TRANSIENT_REPLIES):
-                log.exception("unexpected reply from redis")
-                return EXIT_UNEXPECTED
+        except Exception as exc:
+            if becoming_ready is not None:
+                becoming_ready.cancel()
+            verdict = classify(exc)
+            if verdict is None:
+                raise  # not a Redis failure: a bug, and a traceback says where
+            if verdict.refused:
+                return _refused(service, exc)
             _set_ready(service, False)
+            service.metrics.redis_errors[verdict.kind].inc()
+            if connected_at is not None and time.monotonic() - connected_at > backoff.cap_seconds:
+                backoff.reset()  # it worked for a while: this is a new outage, start again quickly
             delay = backoff.next_delay()
-            log.warning(
-                "redis unavailable; retrying",
-                error=str(exc) or type(exc).__name__,
-                retry_in_seconds=round(delay, 2),
-                attempt=backoff.attempt,
-            )
+            fields = {
+                "error": str(exc) or type(exc).__name__,
+                "kind": verdict.kind,
+                "retry_in_seconds": round(delay, 2),
+                "attempt": backoff.attempt,
+            }
+            if verdict.expected:
+                log.warning("redis unavailable; retrying", **fields)
+            else:
+                # Exiting would restart us into the same reply (a crash loop): wait it out, loudly.
+                log.error("unexpected reply from redis; treating it as an outage and retrying", exc_info=exc, **fields)
             await service.sleep(delay)
     return EXIT_OK
 
@@ -215,6 +229,11 @@ def _set_ready(service: Service, ready: bool) -> None:
     service.metrics.redis_connected.set(1 if ready else 0)
 
 
-def _refused(exc: RedisRefusedError) -> int:
-    log.error("redis refused; not retrying", error=str(exc))
-    return exc.exit_code
+def _refused(service: Service, exc: Exception) -> int:
+    if "WRONGTYPE" in str(exc) and not isinstance(exc, RedisRefusedError):
+        keys = service.keys
+        error = f"key {keys.stream!r} or {keys.dead_letter!r} exists and is not a stream: {exc}"
+    else:
+        error = refusal_text(exc)
+    log.error("redis refused; not retrying", error=error)
+    return RedisRefusedError.exit_code

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
+import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -76,6 +78,9 @@ class Settings(BaseSettings):
     active_consumer_idle_ms: PositiveMs = 60_000
     retention_enabled: bool = False
     retention_min_entries: int = Field(0, ge=0)
+    # Group gauges are collected by their own task on this interval (None: RECLAIM_INTERVAL_MS),
+    # apart from reclaim passes.
+    group_metrics_interval_ms: PositiveMs | None = None
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -138,6 +143,10 @@ class Settings(BaseSettings):
         return parse_addresses(self.redis_sentinels or "")
 
     @property
+    def group_metrics_interval_seconds(self) -> float:
+        return (self.group_metrics_interval_ms or self.reclaim_interval_ms) / 1000.0
+
+    @property
     def dead_letter_key(self) -> str:
         return self.dead_letter_stream or f"{self.stream}:dead"
 
@@ -160,11 +169,49 @@ class Settings(BaseSettings):
         return parts._replace(netloc=netloc, query=query).geturl()
 
 
+# Kubernetes injects these for every Service in the namespace (unless enableServiceLinks is false);
+# a Service named streamgroup-redis lands in our prefix. Ignored when both the name and the value
+# have the shape Kubernetes gives them, so a real typo (STREAMGROUP_REDIS_PROT=x) is still refused.
+_SERVICE_LINK = re.compile(
+    r"(?:[A-Z0-9_]+?_)?(?:"
+    r"(?P<host>SERVICE_HOST)"
+    r"|(?P<port>SERVICE_PORT(?:_[A-Z0-9_]+)?|PORT_\d+_(?:TCP|UDP|SCTP)_PORT)"
+    r"|(?P<addr>PORT_\d+_(?:TCP|UDP|SCTP)_ADDR)"
+    r"|(?P<proto>PORT_\d+_(?:TCP|UDP|SCTP)_PROTO)"
+    r"|(?P<url>PORT|PORT_\d+_(?:TCP|UDP|SCTP))"
+    r")"
+)
+_LINK_URL = re.compile(r"(?:tcp|udp|sctp)://(?P<host>\[[0-9A-Fa-f:.]+\]|[0-9.]+|[0-9A-Fa-f:]+):\d{1,5}")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def is_service_link(name: str, value: str) -> bool:
+    """A variable Kubernetes injected for some Service (by its name's and value's shape)."""
+    match = _SERVICE_LINK.fullmatch(name.removeprefix(ENV_PREFIX))
+    if not name.startswith(ENV_PREFIX) or match is None:
+        return False
+    if match["host"] or match["addr"]:
+        return _is_ip(value)
+    if match["port"]:
+        return value.isdigit() and 0 < int(value) < 65536
+    if match["proto"]:
+        return value in ("tcp", "udp", "sctp")
+    url = _LINK_URL.fullmatch(value)
+    return url is not None and _is_ip(url["host"])
+
+
 def _unknown_variables(environ: Mapping[str, str]) -> list[str]:
     known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
     problems = []
     for name in sorted(environ):
-        if name.startswith(ENV_PREFIX) and name not in known:
+        if name.startswith(ENV_PREFIX) and name not in known and not is_service_link(name, environ[name]):
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems.append(f"{name}: unknown variable{hint}")

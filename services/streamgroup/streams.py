@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from streamgroup.errors import RedisRefusedError
 from streamgroup.keys import StreamKeys
@@ -32,10 +32,28 @@ async def ensure_group(client: aioredis.Redis, keys: StreamKeys) -> bool:
     """Create the group at the start of the stream (so nothing already added is skipped). True if created."""
     try:
         await client.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
+    except OutOfMemoryError:
+        # Under maxmemory Redis refuses XGROUP CREATE even for a group that exists: with one that
+        # exists there is nothing to create, and a service can start (the reclaimer's trimming may
+        # be what frees memory). Without one, the OOM is an outage like any other.
+        if await group_exists(client, keys):
+            return False
+        raise
     except ResponseError as exc:
         if str(exc).startswith("BUSYGROUP"):
             return False
         raise_if_wrong_type(exc, keys.stream)
+        raise
+    return True
+
+
+async def group_exists(client: aioredis.Redis, keys: StreamKeys) -> bool:
+    """By XPENDING, which every service's ACL rule grants and which works under maxmemory."""
+    try:
+        await client.xpending(keys.stream, keys.group)
+    except ResponseError as exc:
+        if str(exc).startswith("NOGROUP"):
+            return False
         raise
     return True
 

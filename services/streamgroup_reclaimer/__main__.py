@@ -1,12 +1,16 @@
-"""streamgroup-reclaimer: every interval, one full XAUTOCLAIM pass over the pending list, then the
-group-level metrics."""
+"""streamgroup-reclaimer: every interval, one full XAUTOCLAIM pass over the pending list; and, in a
+task of its own so a slow pass never freezes them, the group-level metrics."""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
 
 from streamgroup import groupstats, streams
 from streamgroup import service as runtime
 from streamgroup.logs import get_logger
 from streamgroup.processing import MessageWorker
+from streamgroup.redis_errors import is_outage
 from streamgroup.service import Service
 
 log = get_logger("streamgroup.reclaimer")
@@ -19,20 +23,56 @@ class Reclaimer:
         self._service = service
         self._name = service.settings.consumer_name
         self._worker = MessageWorker.for_service(service)
+        self._refresh = asyncio.Event()  # set after each pass: collect the group metrics now
+        service.metrics.hide_group()  # until the first collection: nothing known yet
 
     async def run(self) -> None:
         service = self._service
         await streams.ensure_group(service.client, service.keys)
-        while not service.stopping.is_set():
-            await self.reclaim_pass()
-            stats = await groupstats.collect(service.client, service.keys)
-            changed = await self.remove_idle_consumers(stats)
-            if service.settings.retention_enabled:
-                changed += await self.trim()
-            if changed:
-                stats = await groupstats.collect(service.client, service.keys)
-            self.export_group_metrics(stats)
-            await service.sleep(service.settings.reclaim_interval_ms / 1000.0)
+        run_over = asyncio.Event()
+        collector = asyncio.create_task(self.collect_group_metrics(run_over), name="group-metrics")
+        try:
+            while not service.stopping.is_set():
+                await self.reclaim_pass()
+                if service.settings.consumer_delete_idle_ms:
+                    await self.remove_idle_consumers(await self.collect())
+                if service.settings.retention_enabled:
+                    await self.trim()
+                if collector.done():
+                    collector.result()  # it only ends by raising what is not an outage: a bug
+                self._refresh.set()  # show what the pass changed without waiting for the interval
+                await service.sleep(service.settings.reclaim_interval_ms / 1000.0)
+        finally:
+            # Cancelling alone is not enough: with Redis killed, the collector was seen to lose the
+            # cancellation somewhere inside redis-py and go on collecting (not reproduced outside a
+            # service process), so it also stops at its next turn when the run is over.
+            run_over.set()
+            self._refresh.set()
+            collector.cancel()
+            await asyncio.wait({collector}, timeout=service.settings.redis_timeout_ms / 1000.0)
+            # Disconnected or stopping: export nothing rather than values nobody refreshes.
+            service.metrics.hide_group()
+
+    async def collect(self) -> groupstats.GroupStats:
+        service = self._service
+        return await groupstats.collect(service.client, service.keys, service.settings.claim_min_idle_ms)
+
+    async def collect_group_metrics(self, run_over: asyncio.Event) -> None:
+        """Export the group gauges every GROUP_METRICS_INTERVAL_MS, whatever the reclaim pass is doing."""
+        service = self._service
+        while not (service.stopping.is_set() or run_over.is_set()):
+            try:
+                stats = await self.collect()
+                if not run_over.is_set():
+                    self.export_group_metrics(stats)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                service.metrics.hide_group()
+                log.warning("could not collect group metrics; not exporting them", error=str(exc) or type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._refresh.wait(), service.settings.group_metrics_interval_seconds)
+            self._refresh.clear()
 
     async def reclaim_pass(self) -> int:
         """Claim and handle idle entries from the start of the pending list to its end."""
@@ -84,18 +124,8 @@ class Reclaimer:
         return trimmed
 
     def export_group_metrics(self, stats: groupstats.GroupStats) -> None:
-        metrics = self._service.metrics
-        metrics.stream_length.set(stats.stream_length)
-        metrics.dead_letter_length.set(stats.dead_letter_length)
-        metrics.group_lag_known.set(0 if stats.lag is None else 1)
-        metrics.group_lag.set(float("nan") if stats.lag is None else stats.lag)
-        metrics.group_pending.set(stats.pending)
-        metrics.oldest_pending_age.set(stats.oldest_pending_age_seconds)
-        metrics.group_consumers.set(len(stats.consumers))
-        metrics.group_consumers_active.set(
-            stats.active_consumers(self._service.settings.active_consumer_idle_ms / 1000.0, besides=self._name)
-        )
-        metrics.set_consumers((c.name, c.pending, c.idle_seconds) for c in stats.consumers)
+        active_within = self._service.settings.active_consumer_idle_ms / 1000.0
+        self._service.metrics.export_group(stats, active_within, besides=self._name)
 
     async def close(self) -> None:
         self._worker.runner.close()
