@@ -84,7 +84,7 @@ def test_the_digest_sees_a_change(tmp_path):
 
 
 def test_license_file_matches_pyproject():
-    license_id = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]["text"]
+    license_id = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]  # SPDX expression (PEP 639)
     assert license_id == "Apache-2.0"
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text
