@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from streamgroup.keys import slot_prefix
+
 SERVICES = ("producer", "consumer", "reclaimer", "status")
 
 # Every connection: PING (redis-py's health check on idle connections) and INFO (the server-version
@@ -42,13 +44,16 @@ COMMANDS: Mapping[str, tuple[str, ...]] = {
         "+xadd",  # dead-letter stream: in the dead-letter script (XADD, then XACK), or direct for too wide an entry
         "+evalsha",  # the Lua scripts (streamgroup.scripts) ...
         "+script|load",  # ... loaded once per server when EVALSHA answers NOSCRIPT
+        "+get",  # the consumer-name lease (streamgroup.naming), inside its scripts: whose is it
+        "+set",  # ... taken with an expiry
+        "+pexpire",  # ... renewed, and given back at a clean stop (expired at once)
     ),
     "reclaimer": (
         "+xgroup|create",
         "+xautoclaim",  # taking over idle entries
         "+xpending",  # delivery counts; group metrics; inside the scripts
         "+xack",
-        "+xclaim",  # lease renewal on reclaimed entries (script)
+        "+xclaim",  # each reclaimed entry as it is handled; lease renewal on it (script)
         "+xadd",  # dead-letter stream
         "+xlen",  # stream and dead-letter lengths (metrics)
         "+xinfo|groups",  # lag, pending, last delivered id (metrics; safe-retention script)
@@ -70,6 +75,9 @@ KEY_ACCESS: Mapping[str, tuple[str, str | None]] = {
     "reclaimer": ("~", "~"),  # adds to the dead-letter stream and measures it (XLEN)
     "status": ("%R~", "%R~"),
 }
+
+# Keys of the consumer-name lease (StreamKeys.consumer_name_lease), for any group and name.
+NAME_LEASE_ACCESS: Mapping[str, str] = {"consumer": "~"}
 
 _GLOB = "*?[]\\"
 
@@ -95,6 +103,8 @@ def rule(
     keys = [stream_access + escape_key_pattern(stream)]
     if dead_access is not None:
         keys.append(dead_access + escape_key_pattern(dead_letter or f"{stream}:dead"))
+    if service in NAME_LEASE_ACCESS:
+        keys.append(NAME_LEASE_ACCESS[service] + escape_key_pattern(slot_prefix(stream)) + ":*:consumer:*")
     commands = [*CONNECTION, *([CLIENT_SETINFO] if client_setinfo else []), *COMMANDS[service]]
     seen: set[str] = set()
     commands = [c for c in commands if not (c in seen or seen.add(c))]

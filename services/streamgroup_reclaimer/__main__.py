@@ -6,6 +6,7 @@ from __future__ import annotations
 from streamgroup import groupstats, streams
 from streamgroup import service as runtime
 from streamgroup.logs import get_logger
+from streamgroup.message import RawEntry
 from streamgroup.processing import MessageWorker
 from streamgroup.service import Service
 
@@ -19,10 +20,11 @@ class Reclaimer:
         self._service = service
         self._name = service.settings.consumer_name
         self._worker = MessageWorker.for_service(service)
+        self._group_seen = False
 
     async def run(self) -> None:
         service = self._service
-        await streams.ensure_group(service.client, service.keys)
+        await self._ensure_group()
         while not service.stopping.is_set():
             await self.reclaim_pass()
             stats = await groupstats.collect(service.client, service.keys)
@@ -34,29 +36,78 @@ class Reclaimer:
             self.export_group_metrics(stats)
             await service.sleep(service.settings.reclaim_interval_ms / 1000.0)
 
+    async def _ensure_group(self) -> None:
+        """Create the group if it never existed; one that vanished under running services (XGROUP
+        DESTROY) is left to the consumers to recreate, each where it last read: the reclaimer reads
+        nothing and would have to start it over from the beginning of the stream."""
+        service = self._service
+        if not self._group_seen:
+            await streams.ensure_group(service.client, service.keys, service.settings.group_start_id)
+            self._group_seen = True
+            return
+        while not service.stopping.is_set() and not await streams.group_exists(service.client, service.keys):
+            log.error(
+                "the consumer group vanished (XGROUP DESTROY?); waiting for a consumer to recreate it",
+                group=service.keys.group, stream=service.keys.stream,
+            )  # fmt: skip
+            await service.sleep(service.settings.reclaim_interval_ms / 1000.0)
+
     async def reclaim_pass(self) -> int:
-        """Claim and handle idle entries from the start of the pending list to its end."""
+        """Claim idle entries from the start of the pending list to its end, and handle them one at
+        a time. Claiming counts no delivery (JUSTID); each entry's delivery is counted as it is
+        handed to the handler, and it is acknowledged before the next one is. So if a message kills
+        the process, it is the only one whose delivery count grows with every attempt, and the only
+        one to reach the dead-letter stream."""
         service, settings = self._service, self._service.settings
         client, keys = service.client, service.keys
         cursor, total = CURSOR_START, 0
         while not service.stopping.is_set():
-            cursor, entries, deleted = await streams.autoclaim(
+            cursor, ids, deleted = await streams.autoclaim(
                 client, keys, self._name, settings.claim_min_idle_ms, cursor, settings.batch_size
             )
             if deleted:
-                log.warning(
-                    "pending entries were deleted from the stream before anyone handled them",
-                    ids=deleted,
-                )
-            if entries:
-                total += len(entries)
-                service.metrics.reclaimed.inc(len(entries))
-                deliveries = await streams.delivery_counts(client, keys, self._name, entries)
-                log.info("reclaimed idle entries", count=len(entries), first_id=entries[0][0].decode())
-                await self._worker.acknowledge(await self._worker.handle(entries, deliveries, service.grace_expired))
+                await self._dead_letter_deleted(deleted)
+            if ids:
+                total += len(ids)
+                service.metrics.reclaimed.inc(len(ids))
+                log.info("reclaimed idle entries", count=len(ids), first_id=ids[0])
+                await self._handle_one_at_a_time(ids)
             if cursor == CURSOR_START:
                 break
         return total
+
+    async def _handle_one_at_a_time(self, ids: list[str]) -> None:
+        """Entries left over when the service stops stay with this consumer, idle: the next pass
+        (of this reclaimer or another) takes them again."""
+        service, worker = self._service, self._worker
+        succeeded: list[str] = []
+        for entry_id in ids:
+            if service.stopping.is_set():
+                break
+            entry, deliveries, acknowledged = await streams.claim_one(
+                service.client, service.keys, self._name, entry_id, acks=succeeded
+            )
+            worker.record_acked(succeeded, acknowledged=acknowledged)
+            succeeded = []
+            if entry is not None:  # else acknowledged or deleted meanwhile
+                succeeded = await worker.handle([entry], {entry_id: deliveries}, service.grace_expired)
+        await worker.acknowledge(succeeded)
+
+    async def _dead_letter_deleted(self, ids: list[str]) -> None:
+        """Entries deleted from the stream while pending (XAUTOCLAIM reports them and drops them
+        from the pending list): their fields are gone, so the dead-letter copy holds the metadata
+        only, for an operator to see what was lost."""
+        service = self._service
+        for entry_id in ids:
+            reason = "deleted while pending"
+            fields = streams.dead_letter_fields(RawEntry(entry_id, None, 0), service.keys, self._name, reason)
+            await service.client.execute_command("XADD", service.keys.dead_letter, "*", *fields)
+            service.metrics.dead_lettered.inc()
+            service.metrics.processed["dead_lettered"].inc()
+        log.warning(
+            "pending entries were deleted from the stream before being handled; noted in the dead-letter stream",
+            ids=ids, dead_letter_stream=service.keys.dead_letter,
+        )  # fmt: skip
 
     async def remove_idle_consumers(self, stats: groupstats.GroupStats) -> int:
         """Remove consumers of pods that are gone: idle long enough and holding nothing (checked
