@@ -139,10 +139,8 @@ class Consumer:
         batch's acknowledgements), or not (the acknowledgements go out on their own at once)."""
         service, reader, worker = self._service, self._reader, self._worker
         block_ms, grace_expired = service.settings.block_ms, service.grace_expired
-        while True:
+        while self._keeps_going():
             if not reader.reads_in_flight:
-                if not self._keeps_going():
-                    return
                 await reader.send(streams.NEW, block_ms)
             entries = await reader.receive()
             if not entries:
