@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis
+from redis.crc import key_slot
 
 from streamgroup import streams
 from streamgroup.connection import create_client
@@ -165,6 +167,13 @@ def test_a_second_process_under_a_name_in_use_waits_not_ready_and_takes_over_whe
     assert set(book.done) == set(ids) | set(more)
     assert book.duplicates <= 20, "at most what the killed one held (a batch, and one read ahead)"
     assert str(second.process.pid) in {row.split(" ")[0] for row in r.lrange("pids", 0, -1)}
+
+    third = services.start("consumer", name="twin", **settings)
+    wait_for(lambda: "another process is using this consumer name" in third.output, timeout=30, what="conflict")
+    assert third.stop() == 0, "stopped while waiting: a clean exit"
+    assert "left the group" not in third.output and "handed pending entries" not in third.output, (
+        "it touched nothing of the name's owner"
+    )
     assert second.stop() == 0
     assert not r.exists(f"{{{STREAM}}}:{GROUP}:consumer:twin"), "the name was given back at a clean stop"
 
@@ -228,3 +237,12 @@ def test_acknowledged_counts_what_redis_acknowledged_and_does_not_wait_for_a_blo
     r.set("release", 1)
     wait_for(lambda: consumer.metric(latencies[0], **latencies[1]) == 2, timeout=30, what="its XACK answered")
     assert consumer.metric(acked[0], **acked[1]) == 1, "Redis acknowledged nothing the second time"
+
+
+# (A stream name with a `}` and no hash tag, such as `a{}b`, cannot be wrapped in a tag: see keys.slot_prefix.)
+@pytest.mark.parametrize("stream", ["messageStream", "{orders}.jobs", "jobs{eu}:x", "a{b"])
+def test_the_name_lease_key_hashes_to_the_stream_slot(stream: str) -> None:
+    """So that a Redis Cluster can serve the stream and its consumers' leases from one node."""
+    lease_key = StreamKeys(stream, "g", f"{stream}:dead").consumer_name_lease("pod-1")
+    assert key_slot(lease_key.encode()) == key_slot(stream.encode())
+    assert lease_key.endswith(":g:consumer:pod-1")
