@@ -6,6 +6,7 @@ deleted while pending, and how acknowledgements are counted."""
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import pytest
 import redis
@@ -178,6 +179,28 @@ def test_a_second_process_under_a_name_in_use_waits_not_ready_and_takes_over_whe
     )
     assert second.stop() == 0
     assert not r.exists(f"{{{STREAM}}}:{GROUP}:consumer:twin"), "the name was given back at a clean stop"
+
+
+def test_a_process_frozen_past_its_name_lease_stops_reading_when_it_resumes(services, r) -> None:
+    settings = {"HANDLER": "support.fault_handlers:record_pid", "BATCH_SIZE": 10, "TESTHANDLER_SLEEP_S": 0.01,
+                "CONSUMER_NAME_LEASE_MS": 1500}  # fmt: skip
+    first = services.start("consumer", name="twin", metrics=True, **settings)
+    wait_for(lambda: first.get("/readyz")[0] == 200, timeout=30, what="the first one ready")
+    conflict = "another process is using this consumer name"
+    second = services.start("consumer", name="twin", metrics=True, **settings)
+    wait_for(lambda: conflict in second.output, timeout=30, what="the second one waiting")
+    first.signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: second.get("/readyz")[0] == 200, timeout=30, what="the second one taking the name")
+    finally:
+        first.signal(signal.SIGCONT)
+    wait_for(lambda: first.get("/readyz")[0] == 503, timeout=30, what="the first one noticing")
+    ids = _add(r, 200)
+    wait_for(lambda: set(ids) <= set(ledger(r).done), timeout=60, what="new entries handled")
+    handlers = {row.split(" ")[0] for row in r.lrange("pids", 0, -1)}
+    assert handlers == {str(second.process.pid)}, "only the process holding the name reads"
+    assert ledger(r).duplicates == 0
+    assert first.alive() and first.get("/readyz")[0] == 503, "the first one waits, not ready"
 
 
 # Item 15: the group destroyed under running services.

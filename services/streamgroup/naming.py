@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 
 import redis.asyncio as aioredis
@@ -45,6 +46,7 @@ class NameLease:
         self.key = keys.consumer_name_lease(consumer)
         self.instance = uuid.uuid4().hex
         self.held = False
+        self._valid_until = 0.0  # monotonic: when the lease runs out unless renewed
         self._consumer, self._ttl_ms = consumer, ttl_ms
         self._take = client.register_script(TAKE)
         self._release = client.register_script(RELEASE)
@@ -56,11 +58,18 @@ class NameLease:
 
     async def take(self) -> str | None:
         """Take or renew the name; returns None if it is ours now, else the instance holding it."""
+        asked_at = time.monotonic()
         reply = await self._take(keys=[self.key], args=[self.instance, self._ttl_ms])
         self.held = reply == 1
         if self.held:
+            self._valid_until = asked_at + self._ttl_ms / 1000.0
             return None
         return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+    def valid(self) -> bool:
+        """Held, and renewed recently enough that nobody else can have taken it: false after this
+        process was frozen (SIGSTOP, a paused VM) past the lease, until a renewal says otherwise."""
+        return self.held and time.monotonic() < self._valid_until
 
     async def wait_until_taken(self, stopping: asyncio.Event, on_conflict) -> bool:
         """Retry until the name is ours (True) or the service stops (False). `on_conflict(holder)`

@@ -77,8 +77,8 @@ class Consumer:
             self._keeping_name.cancel()
 
     def _keeps_going(self) -> bool:
-        """Whether to read more: not stopping, and the name is still ours."""
-        return not self._service.stopping.is_set() and not self._keeping_name.done()
+        """Whether to read more: not stopping, and the name is still ours for sure."""
+        return not self._service.stopping.is_set() and not self._keeping_name.done() and self._lease.valid()
 
     async def _take_name(self) -> bool:
         """Wait, not ready, while another live process uses this consumer name."""
@@ -184,7 +184,7 @@ class Consumer:
         the consumer name back."""
         self._worker.runner.close()
         await self._worker.acknowledge(await self._reader.close())
-        if not self._lease.held:
+        if not self._lease.held or await self._lease.take() is not None:
             return  # another process holds this name (and so its pending entries): leave them alone
         released, left = await self._worker.scripts.release_or_leave(
             self._name, self._service.settings.claim_min_idle_ms
