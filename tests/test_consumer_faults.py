@@ -219,6 +219,20 @@ def test_a_destroyed_group_is_recreated_where_the_consumer_last_read(services, r
     assert "the consumer group vanished" in consumer.output
 
 
+def test_a_destroyed_group_no_consumer_recreates_is_recreated_at_0_by_the_reclaimer(services, r) -> None:
+    """Consumers scaled to zero (KEDA waits for a lag a missing group cannot show): replaying beats
+    losing what the group had not delivered yet."""
+    ids = _add(r, 5)
+    reclaimer = services.start("reclaimer", name="reclaimer", ACTIVE_CONSUMER_IDLE_MS=1000, **FAST_RECLAIM)
+    wait_for(lambda: r.xinfo_groups(STREAM), timeout=30, what="the group")
+    r.xgroup_destroy(STREAM, GROUP)
+    wait_for(lambda: "waiting for a consumer to recreate it" in reclaimer.output, timeout=30, what="waiting")
+    wait_for(lambda: r.xinfo_groups(STREAM), timeout=30, what="the group recreated")
+    assert "no consumer recreated it; recreated it at 0" in reclaimer.output
+    services.start("consumer", name="c1", HANDLER="support.handlers:record")
+    wait_for(lambda: set(ids) <= set(ledger(r).done), timeout=30, what="everything handled")
+
+
 def test_group_start_id_dollar_skips_what_was_added_before_the_group_existed(services, r) -> None:
     before = _add(r, 5)
     consumer = services.start("consumer", name="c1", metrics=True, HANDLER="support.handlers:record",

@@ -30,7 +30,8 @@ def raise_if_wrong_type(exc: ResponseError, key: str) -> None:
 
 async def ensure_group(client: aioredis.Redis, keys: StreamKeys, start_id: str = "0") -> bool:
     """Create the group at `start_id` unless it exists (`0`: nothing already added is skipped).
-    True if created. A group that vanished under a running service is recreated by GroupWatch."""
+    True if created. Where a group that vanished under running services is recreated is the
+    caller's choice (the consumer: after the last entry it read)."""
     try:
         await client.xgroup_create(keys.stream, keys.group, id=start_id, mkstream=True)
     except ResponseError as exc:
@@ -42,6 +43,7 @@ async def ensure_group(client: aioredis.Redis, keys: StreamKeys, start_id: str =
 
 
 async def group_exists(client: aioredis.Redis, keys: StreamKeys) -> bool:
+    """Whether the group exists (False also when the stream does not)."""
     try:
         groups = await client.xinfo_groups(keys.stream)
     except ResponseError as exc:

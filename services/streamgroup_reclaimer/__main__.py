@@ -3,6 +3,8 @@ group-level metrics."""
 
 from __future__ import annotations
 
+import asyncio
+
 from streamgroup import groupstats, streams
 from streamgroup import service as runtime
 from streamgroup.logs import get_logger
@@ -37,20 +39,34 @@ class Reclaimer:
             await service.sleep(service.settings.reclaim_interval_ms / 1000.0)
 
     async def _ensure_group(self) -> None:
-        """Create the group if it never existed; one that vanished under running services (XGROUP
-        DESTROY) is left to the consumers to recreate, each where it last read: the reclaimer reads
-        nothing and would have to start it over from the beginning of the stream."""
-        service = self._service
+        """Create the group if it never existed. One that vanished under running services (XGROUP
+        DESTROY, a Redis restart without persistence) is left to the consumers for a while: each
+        recreates it after the last entry it read, while the reclaimer, which reads nothing, could
+        only start it over at 0. If none does within ACTIVE_CONSUMER_IDLE_MS (consumers scaled to
+        zero wait for a lag that a missing group cannot show), the reclaimer recreates it at 0:
+        replaying beats losing."""
+        service, settings = self._service, self._service.settings
         if not self._group_seen:
-            await streams.ensure_group(service.client, service.keys, service.settings.group_start_id)
+            await streams.ensure_group(service.client, service.keys, settings.group_start_id)
             self._group_seen = True
             return
+        loop = asyncio.get_running_loop()
+        # A consumer that has not read for that long would not count as active (or is stuck in a batch).
+        wait_ms = max(settings.active_consumer_idle_ms, settings.claim_min_idle_ms)
+        give_up_at = loop.time() + wait_ms / 1000.0
         while not service.stopping.is_set() and not await streams.group_exists(service.client, service.keys):
+            if loop.time() >= give_up_at:
+                if await streams.ensure_group(service.client, service.keys, "0"):
+                    log.error(
+                        "the consumer group vanished and no consumer recreated it; recreated it at 0",
+                        group=service.keys.group, stream=service.keys.stream,
+                    )  # fmt: skip
+                return
             log.error(
                 "the consumer group vanished (XGROUP DESTROY?); waiting for a consumer to recreate it",
                 group=service.keys.group, stream=service.keys.stream,
             )  # fmt: skip
-            await service.sleep(service.settings.reclaim_interval_ms / 1000.0)
+            await service.sleep(settings.reclaim_interval_ms / 1000.0)
 
     async def reclaim_pass(self) -> int:
         """Claim idle entries from the start of the pending list to its end, and handle them one at
