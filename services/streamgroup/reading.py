@@ -1,7 +1,8 @@
 """The consumer's reads: XREADGROUP on a connection of its own, sent before the reply is needed.
 
 Sending the next read before handling the batch in hand lets Redis fill it meanwhile, and the
-acknowledgements due so far go out in the same write. redis-py's pipeline does a round trip in one
+acknowledgements due so far go out in the same write (or alone, with flush(), when no read is
+about to go out: they never wait for one). redis-py's pipeline does a round trip in one
 await, and its per-call bookkeeping cost more CPU than everything else on the consumer's read path.
 """
 
