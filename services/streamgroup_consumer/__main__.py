@@ -136,7 +136,8 @@ class Consumer:
 
     async def _live(self) -> None:
         """New entries. After each batch one decision: read ahead (the next read goes out with the
-        batch's acknowledgements), or not (the acknowledgements go out on their own at once)."""
+        batch's acknowledgements), or not (the acknowledgements go out at once: with the blocking
+        read that follows, or on their own if a batch read ahead is handled first)."""
         service, reader, worker = self._service, self._reader, self._worker
         block_ms, grace_expired = service.settings.block_ms, service.grace_expired
         while self._keeps_going():
@@ -155,8 +156,9 @@ class Consumer:
                 # Redis works on the next read while the reply in flight is parsed and handled.
                 while reader.reads_in_flight < READ_AHEAD_DEPTH:
                     await reader.send(streams.NEW, block_ms=None)
-            else:
-                await reader.flush()
+            elif reader.reads_in_flight or not self._keeps_going():
+                await reader.flush()  # a batch read ahead is handled next: the acknowledgements go now
+            # else the read sent next, right away, carries them
 
     async def _drain(self) -> None:
         """Handle what was read ahead before the stop; read nothing more."""
