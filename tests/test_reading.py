@@ -28,7 +28,9 @@ def _run(redis_url: str, scenario) -> None:
     async def main() -> None:
         client = create_client(Settings(redis_url=redis_url))
         acked: list[str] = []
-        reader = GroupReader(client, KEYS, "c1", 10, lambda ids, _sent_at: acked.extend(ids), timeout_seconds=5)
+        reader = GroupReader(
+            client, KEYS, "c1", 10, lambda ids, _sent_at, _acknowledged: acked.extend(ids), timeout_seconds=5
+        )
         try:
             await scenario(reader, acked)
         finally:
@@ -67,7 +69,8 @@ def test_a_read_that_failed_sends_its_acknowledgements_again(redis_url, r) -> No
         r.client_kill_filter(_type="normal", skipme=True)
         with pytest.raises(RedisConnectionError):
             await reader.receive()
-        assert acked == [], "not known to be applied"
+        # Counted only if the XACK's reply was taken before the connection broke; else sent again.
+        assert acked in ([], ids[:4])
         assert reader.reads_in_flight == 0
         await reader.send(">", None)
         assert await reader.receive() == []

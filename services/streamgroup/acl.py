@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from streamgroup.keys import PRODUCER_RUN_INFIX
+from streamgroup.keys import PRODUCER_RUN_INFIX, slot_prefix
 
 SERVICES = ("producer", "consumer", "reclaimer", "status")
 
@@ -47,13 +47,16 @@ COMMANDS: Mapping[str, tuple[str, ...]] = {
         "+evalsha",  # the Lua scripts (streamgroup.scripts) ...
         "+script|load",  # ... loaded once per server when EVALSHA answers NOSCRIPT
         *("+multi", "+exec", "+xrevrange"),  # too wide an entry: XADD + check script in MULTI (XDEL: below)
+        "+get",  # the consumer-name lease (streamgroup.naming), inside its scripts: whose is it
+        "+set",  # ... taken with an expiry
+        "+pexpire",  # ... renewed, and given back at a clean stop (expired at once)
     ),
     "reclaimer": (
         "+xgroup|create",
         "+xautoclaim",  # taking over idle entries
         "+xpending",  # delivery counts; group metrics; inside the scripts
         "+xack",
-        "+xclaim",  # lease renewal on reclaimed entries (script)
+        "+xclaim",  # each reclaimed entry as it is handled; lease renewal on it (script)
         "+xadd",  # dead-letter stream
         *("+multi", "+exec"),  # dead-lettering too wide an entry (XREVRANGE: below; XDEL: below)
         "+xlen",  # stream and dead-letter lengths (metrics)
@@ -81,6 +84,9 @@ KEY_ACCESS: Mapping[str, tuple[str, str | None]] = {
     "status": ("%R~", "%R~"),
 }
 
+# Keys of the consumer-name lease (StreamKeys.consumer_name_lease), for any group and name.
+NAME_LEASE_ACCESS: Mapping[str, str] = {"consumer": "~"}
+
 _GLOB = "*?[]\\"
 
 
@@ -104,9 +110,11 @@ def rule(
     stream_access, dead_access = KEY_ACCESS[service]
     keys = [stream_access + escape_key_pattern(stream)]
     if service == "producer":
-        keys.append("~" + escape_key_pattern(stream + PRODUCER_RUN_INFIX) + "*")
+        keys.append("~" + escape_key_pattern(slot_prefix(stream) + PRODUCER_RUN_INFIX) + "*")
     if dead_access is not None:
         keys.append(dead_access + escape_key_pattern(dead_letter or f"{stream}:dead"))
+    if service in NAME_LEASE_ACCESS:
+        keys.append(NAME_LEASE_ACCESS[service] + escape_key_pattern(slot_prefix(stream)) + ":*:consumer:*")
     commands = [*CONNECTION, *([CLIENT_SETINFO] if client_setinfo else []), *COMMANDS[service]]
     seen: set[str] = set()
     commands = [c for c in commands if not (c in seen or seen.add(c))]

@@ -67,7 +67,7 @@ def create_client(settings: Settings) -> aioredis.Redis:
     return client
 
 
-RAW_REPLIES = ("XAUTOCLAIM",)  # parsed by streamgroup.streams, once (XREADGROUP: streamgroup.reading)
+RAW_REPLIES = ("XAUTOCLAIM", "XCLAIM")  # parsed by streamgroup.streams, once (XREADGROUP: streamgroup.reading)
 
 
 def _as_sent(response: Any, **_options: Any) -> Any:

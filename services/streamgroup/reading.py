@@ -1,7 +1,8 @@
 """The consumer's reads: XREADGROUP on a connection of its own, sent before the reply is needed.
 
 Sending the next read before handling the batch in hand lets Redis fill it meanwhile, and the
-acknowledgements due so far go out in the same write. redis-py's pipeline does a round trip in one
+acknowledgements due so far go out in the same write (or alone, with flush(), when no read is
+about to go out: they never wait for one). redis-py's pipeline does a round trip in one
 await, and its per-call bookkeeping cost more CPU than everything else on the consumer's read path.
 """
 
@@ -27,16 +28,17 @@ from streamgroup.streams import entries_of, raise_if_wrong_type
 
 @dataclass(slots=True)
 class _Request:
-    acks: list[str]  # acknowledged by this request's XACK, if any
+    acks: list[str]  # acknowledged by this request's XACK (sent first), if any; emptied once its reply is in
     sent_at: float
-    replies: int
-    deadline_seconds: float  # for its reply, from when it is awaited
+    reads: bool  # False: a bare XACK
+    deadline_seconds: float  # for its replies, from when they are awaited
 
 
 class GroupReader:
-    """Reads for one consumer and acknowledges on the way: ids passed to acknowledge() ride with
-    the next read, and count as acknowledged (on_acked) only once its reply came back. Reads may
-    be sent before the reply to the previous one was taken; replies come back in order."""
+    """Reads for one consumer and acknowledges on the way: ids passed to acknowledge() go out with
+    the next read, or on their own with flush(); they count as acknowledged (on_acked, with the
+    number Redis acknowledged) once the XACK's reply came back. Reads may be sent before the reply
+    to the previous one was taken; replies come back in order."""
 
     def __init__(
         self,
@@ -44,7 +46,7 @@ class GroupReader:
         keys: StreamKeys,
         consumer: str,
         count: int,
-        on_acked: Callable[[Sequence[str], float], None],
+        on_acked: Callable[[Sequence[str], float, int], None],
         timeout_seconds: float,
     ) -> None:
         self._pool = client.connection_pool
@@ -54,29 +56,39 @@ class GroupReader:
         self._connection: AbstractConnection | None = None
         self._due: list[str] = []
         self._in_flight: deque[_Request] = deque()
+        self._reads_in_flight = 0
 
     @property
     def reads_in_flight(self) -> int:
-        return len(self._in_flight)
+        return self._reads_in_flight
 
     def acknowledge(self, ids: Sequence[str]) -> None:
         self._due.extend(ids)
 
-    async def send(self, start: str, block_ms: int | None) -> None:
-        keys, acks = self._keys, self._due
-        commands: list[tuple] = [("XACK", keys.stream, keys.group, *acks)] if acks else []
+    async def send(self, start: str, block_ms: int | None, count: int | None = None) -> None:
+        """Send a read of up to `count` entries (default: the batch size) after `start`, with the
+        acknowledgements due so far in the same write, applied before the read."""
+        keys = self._keys
         block = ("BLOCK", block_ms) if block_ms is not None else ()
-        commands.append(
-            ("XREADGROUP", "GROUP", keys.group, self._consumer, "COUNT", self._count, *block,
-             "STREAMS", keys.stream, start)
-        )  # fmt: skip
+        read = ("XREADGROUP", "GROUP", keys.group, self._consumer, "COUNT", count or self._count, *block,
+                "STREAMS", keys.stream, start)  # fmt: skip
+        await self._send(read, self._timeout + (block_ms or 0) / 1000.0)
+
+    async def flush(self) -> None:
+        """Send the acknowledgements due now, on their own (no read is about to go out)."""
+        if self._due:
+            await self._send(None, self._timeout)
+
+    async def _send(self, read: tuple | None, deadline_seconds: float) -> None:
+        acks, self._due = self._due, []
+        commands: list[tuple] = [("XACK", self._keys.stream, self._keys.group, *acks)] if acks else []
+        if read is not None:
+            commands.append(read)
         if self._connection is None:
             self._connection = await self._pool.get_connection()
         connection = self._connection
-        self._due = []
-        # The acknowledgements take effect before a read that may block: that is when their latency ends.
-        request = _Request(acks, time.time(), len(commands), self._timeout + (block_ms or 0) / 1000.0)
-        self._in_flight.append(request)
+        self._in_flight.append(_Request(acks, time.time(), read is not None, deadline_seconds))
+        self._reads_in_flight += read is not None
         try:
             await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
         except BaseException:
@@ -84,16 +96,27 @@ class GroupReader:
             raise
 
     async def receive(self) -> list[Entry]:
-        """The entries of the oldest read in flight; raises what Redis or the connection raised."""
+        """The entries of the oldest read in flight (taking the replies to bare acknowledgements
+        sent before it); raises what Redis or the connection raised."""
+        assert self._reads_in_flight, "no read was sent"
+        while True:
+            request = self._in_flight[0]
+            reply = await self._take_replies(request)
+            self._in_flight.popleft()
+            if request.reads:
+                self._reads_in_flight -= 1
+                return entries_of(reply)
+
+    async def _take_replies(self, request: _Request) -> object:
         connection = self._connection
-        assert connection is not None and self._in_flight, "nothing was sent"
-        request = self._in_flight[0]
+        assert connection is not None
         try:
             async with asyncio.timeout(request.deadline_seconds):
-                while request.replies > 1:
-                    await connection.read_response(timeout=math.inf)
-                    request.replies -= 1
-                reply = await connection.read_response(timeout=math.inf)
+                if request.acks:
+                    acknowledged = await connection.read_response(timeout=math.inf)
+                    acks, request.acks = request.acks, []
+                    self._on_acked(acks, request.sent_at, int(acknowledged))
+                return await connection.read_response(timeout=math.inf) if request.reads else None
         except BaseException as exc:
             await self._failed()
             if isinstance(exc, ResponseError):
@@ -101,16 +124,14 @@ class GroupReader:
             if isinstance(exc, TimeoutError):
                 raise RedisTimeoutError(f"no reply from Redis within {request.deadline_seconds:g} s") from exc
             raise
-        self._in_flight.popleft()
-        if request.acks:
-            self._on_acked(request.acks, request.sent_at)
-        return entries_of(reply)
 
     async def _failed(self) -> None:
-        """Acknowledgements not known to be applied go again with the next read. The connection
-        may still owe replies, so it is never used again."""
+        """Acknowledgements not known to be applied go again with the next read (acknowledging an
+        id twice is harmless: the second XACK answers 0). The connection may still owe replies, so
+        it is never used again."""
         self._due[:0] = [entry_id for request in self._in_flight for entry_id in request.acks]
         self._in_flight.clear()
+        self._reads_in_flight = 0
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.disconnect(nowait=True)
@@ -118,10 +139,11 @@ class GroupReader:
 
     async def close(self) -> list[str]:
         """Take the replies still owed (their acknowledgements count), give the connection back,
-        and return the ids whose acknowledgement was never sent."""
+        and return the ids whose acknowledgement was never applied."""
         with contextlib.suppress(Exception):  # on failure the ids are due again; the caller sends them
             while self._in_flight:
-                await self.receive()
+                await self._take_replies(self._in_flight[0])
+                self._reads_in_flight -= self._in_flight.popleft().reads
         if self._connection is not None:
             connection, self._connection = self._connection, None
             await self._pool.release(connection)

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     group: str = Field("messageGroup", min_length=1)
     consumer_name: str = Field(default_factory=default_consumer_name, min_length=1)
     dead_letter_stream: str | None = Field(None, min_length=1)
+    # Where a group that never existed starts; a group that vanishes under running services is
+    # recreated where they last read instead.
+    group_start_id: Literal["0", "$"] = "0"
 
     # Observability.
     metrics_port: int = Field(9180, ge=0, le=65535)
@@ -65,6 +68,8 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(5, ge=1, le=1_000_000)
     # 0 = no limit. A call past it fails (async: cancelled; sync: its thread is abandoned).
     handler_timeout_ms: int = Field(300_000, ge=0, le=86_400_000)
+    # How long a consumer name stays taken after its process stopped renewing it (a twin waits that long).
+    consumer_name_lease_ms: int = Field(10_000, ge=1000, le=3_600_000)
 
     # Producer.
     producers: int = Field(1, gt=0, le=100_000)

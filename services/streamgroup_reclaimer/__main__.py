@@ -9,6 +9,7 @@ import contextlib
 from streamgroup import groupstats, streams
 from streamgroup import service as runtime
 from streamgroup.logs import get_logger
+from streamgroup.message import RawEntry
 from streamgroup.processing import MessageWorker
 from streamgroup.redis_errors import is_outage
 from streamgroup.service import Service
@@ -25,10 +26,11 @@ class Reclaimer:
         self._worker = MessageWorker.for_service(service)
         self._refresh = asyncio.Event()  # set after each pass: collect the group metrics now
         service.metrics.hide_group()  # until the first collection: nothing known yet
+        self._group_seen = False
 
     async def run(self) -> None:
         service = self._service
-        await streams.ensure_group(service.client, service.keys)
+        await self._ensure_group()
         run_over = asyncio.Event()
         collector = asyncio.create_task(self.collect_group_metrics(run_over), name="group-metrics")
         try:
@@ -74,31 +76,92 @@ class Reclaimer:
                 await asyncio.wait_for(self._refresh.wait(), service.settings.group_metrics_interval_seconds)
             self._refresh.clear()
 
+    async def _ensure_group(self) -> None:
+        """Create the group if it never existed. One that vanished under running services (XGROUP
+        DESTROY, a Redis restart without persistence) is left to the consumers for a while: each
+        recreates it after the last entry it read, while the reclaimer, which reads nothing, could
+        only start it over at 0. If none does within ACTIVE_CONSUMER_IDLE_MS (consumers scaled to
+        zero wait for a lag that a missing group cannot show), the reclaimer recreates it at 0:
+        replaying beats losing."""
+        service, settings = self._service, self._service.settings
+        if not self._group_seen:
+            await streams.ensure_group(service.client, service.keys, settings.group_start_id)
+            self._group_seen = True
+            return
+        loop = asyncio.get_running_loop()
+        # A consumer that has not read for that long would not count as active (or is stuck in a batch).
+        wait_ms = max(settings.active_consumer_idle_ms, settings.claim_min_idle_ms)
+        give_up_at = loop.time() + wait_ms / 1000.0
+        while not service.stopping.is_set() and not await streams.group_exists(service.client, service.keys):
+            if loop.time() >= give_up_at:
+                if await streams.ensure_group(service.client, service.keys, "0"):
+                    log.error(
+                        "the consumer group vanished and no consumer recreated it; recreated it at 0",
+                        group=service.keys.group, stream=service.keys.stream,
+                    )  # fmt: skip
+                return
+            log.error(
+                "the consumer group vanished (XGROUP DESTROY?); waiting for a consumer to recreate it",
+                group=service.keys.group, stream=service.keys.stream,
+            )  # fmt: skip
+            await service.sleep(settings.reclaim_interval_ms / 1000.0)
+
     async def reclaim_pass(self) -> int:
-        """Claim and handle idle entries from the start of the pending list to its end."""
+        """Claim idle entries from the start of the pending list to its end, and handle them one at
+        a time. Claiming counts no delivery (JUSTID); each entry's delivery is counted as it is
+        handed to the handler, and it is acknowledged before the next one is. So if a message kills
+        the process, it is the only one whose delivery count grows with every attempt, and the only
+        one to reach the dead-letter stream."""
         service, settings = self._service, self._service.settings
         client, keys = service.client, service.keys
         cursor, total = CURSOR_START, 0
         while not service.stopping.is_set():
-            cursor, entries, deleted = await streams.autoclaim(
+            cursor, ids, deleted = await streams.autoclaim(
                 client, keys, self._name, settings.claim_min_idle_ms, cursor, settings.batch_size
             )
             if deleted:
-                log.warning(
-                    "pending entries were deleted from the stream before anyone handled them",
-                    ids=deleted,
-                )
-            if entries:
-                total += len(entries)
-                service.metrics.reclaimed.inc(len(entries))
-                deliveries = await streams.delivery_counts(client, keys, self._name, entries)
-                log.info("reclaimed idle entries", count=len(entries), first_id=entries[0][0].decode())
-                await self._worker.handle(
-                    entries, deliveries, service.grace_expired, acknowledge=self._worker.acknowledge
-                )
+                await self._dead_letter_deleted(deleted)
+            if ids:
+                total += len(ids)
+                service.metrics.reclaimed.inc(len(ids))
+                log.info("reclaimed idle entries", count=len(ids), first_id=ids[0])
+                await self._handle_one_at_a_time(ids)
             if cursor == CURSOR_START:
                 break
         return total
+
+    async def _handle_one_at_a_time(self, ids: list[str]) -> None:
+        """Entries left over when the service stops stay with this consumer, idle: the next pass
+        (of this reclaimer or another) takes them again."""
+        service, worker = self._service, self._worker
+        succeeded: list[str] = []
+        for entry_id in ids:
+            if service.stopping.is_set():
+                break
+            entry, deliveries, acknowledged = await streams.claim_one(
+                service.client, service.keys, self._name, entry_id, acks=succeeded
+            )
+            worker.record_acked(succeeded, acknowledged=acknowledged)
+            succeeded = []
+            if entry is not None:  # else acknowledged or deleted meanwhile
+                succeeded = await worker.handle([entry], {entry_id: deliveries}, service.grace_expired)
+        await worker.acknowledge(succeeded)
+
+    async def _dead_letter_deleted(self, ids: list[str]) -> None:
+        """Entries deleted from the stream while pending (XAUTOCLAIM reports them and drops them
+        from the pending list): their fields are gone, so the dead-letter copy holds the metadata
+        only, for an operator to see what was lost."""
+        service = self._service
+        for entry_id in ids:
+            reason = "deleted while pending"
+            fields = streams.dead_letter_fields(RawEntry(entry_id, None, 0), service.keys, self._name, reason)
+            await service.client.execute_command("XADD", service.keys.dead_letter, "*", *fields)
+            service.metrics.dead_lettered.inc()
+            service.metrics.processed["dead_lettered"].inc()
+        log.warning(
+            "pending entries were deleted from the stream before being handled; noted in the dead-letter stream",
+            ids=ids, dead_letter_stream=service.keys.dead_letter,
+        )  # fmt: skip
 
     async def remove_idle_consumers(self, stats: groupstats.GroupStats) -> int:
         """Remove consumers of pods that are gone: idle long enough and holding nothing (checked
