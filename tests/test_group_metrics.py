@@ -90,7 +90,8 @@ def test_group_gauges_are_absent_while_disconnected(kind: str, tmp_path: Path) -
             timeout=60,
             what="gauges back after reconnecting",
         )
-        assert reclaimer.metric("streamgroup_redis_connected") == 1
+        # Ready again once the worker kept going for a moment after reconnecting (no flicker).
+        wait_for(lambda: reclaimer.metric("streamgroup_redis_connected") == 1, timeout=30, what="connected again")
         assert reclaimer.alive()
         services.stop_all()
     finally:

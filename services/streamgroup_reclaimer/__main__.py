@@ -30,10 +30,12 @@ class Reclaimer:
 
     async def run(self) -> None:
         service = self._service
-        await self._ensure_group()
         run_over = asyncio.Event()
+        # Collecting starts first: while the reclaimer waits for a vanished group to be recreated,
+        # the gauges must show it (the stream grows, the group is missing).
         collector = asyncio.create_task(self.collect_group_metrics(run_over), name="group-metrics")
         try:
+            await self._ensure_group()
             while not service.stopping.is_set():
                 await self.reclaim_pass()
                 if service.settings.consumer_delete_idle_ms:
