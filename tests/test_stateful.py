@@ -162,6 +162,8 @@ class StatefulRun:
     ) -> None:
         self.kind, self.seed, self.steps, self.families = kind, seed, steps, families
         self.drain_seconds = drain_seconds
+        self.focus: str | None = None  # a family whose steps come three times as often
+        self.node_id = "tests/test_stateful.py"
         self.rng = random.Random(seed)
         self.workdir = workdir
         self.ledger_dir = workdir / "ledger"
@@ -202,6 +204,7 @@ class StatefulRun:
         self.supervise()
         self.check()
         if self.violations:
+            self.violations = list(dict.fromkeys(self.violations))
             raise InvariantViolation(self.report())
 
     def choose(self) -> tuple[str, Callable[[], object]]:
@@ -224,6 +227,8 @@ class StatefulRun:
         for fault in SHARED_FAULTS:
             if has(fault):
                 options.append((fault, getattr(self, f"fault_{fault}"), 0.6 if fault == "unblocked" else 1.0))
+        focused = {"sigterm": "SIGTERM", "sigkill": "SIGKILL", "sigstop": "SIGSTOP"}.get(self.focus, self.focus)
+        options = [(name, action, weight * (3 if name == focused else 1)) for name, action, weight in options]
         names, actions, weights = zip(*options, strict=True)
         index = self.rng.choices(range(len(names)), weights=weights)[0]
         return names[index], actions[index]
@@ -237,7 +242,8 @@ class StatefulRun:
         count = self.rng.randint(1, 20)
         ops = Counter()
         for _ in range(count):
-            op = self.rng.choice(outcomes) if outcomes and self.rng.random() < 0.15 else "ok"
+            odds = 0.3 if self.focus in OUTCOMES else 0.15
+            op = self.rng.choice(outcomes) if outcomes and self.rng.random() < odds else "ok"
             flat = [b"key", uuid.uuid4().hex.encode(), b"op", op.encode()]
             if "repeated_fields" in self.families and self.rng.random() < 0.3:
                 flat += [b"tag", b"first", b"tag", b"second"]
@@ -293,7 +299,7 @@ class StatefulRun:
         del self.procs[proc.name]
         # SIGTERM: exit 0 after handing off, or the signal's code if the grace ran out
         if code not in (0, -signal.SIGTERM, 128 + signal.SIGTERM):
-            self.unexpected_exits.append(f"{proc.name} exited {code} on SIGTERM:\n{proc.process.output[-3000:]}")
+            self.unexpected_exits.append(f"{proc.name} exited {code} on SIGTERM:\n{proc.process.output[-1500:]}")
         return f"{proc.name} exited {code}"
 
     def sigkill(self, proc: Proc) -> str:
@@ -351,10 +357,13 @@ class StatefulRun:
     def fault_oom(self) -> str:
         seconds = self.rng.uniform(1, 4)
 
+        start_one = self.rng.random() < 0.5 and len([p for p in self.live() if p.kind == "consumer"]) < 3
+
         def oom() -> str:
             with faults.out_of_memory(self.client):
+                started = self.start_consumer() if start_one else None  # a restart while Redis is full
                 time.sleep(seconds)
-            return f"{seconds:.1f}s"
+            return f"{seconds:.1f}s{f', started {started}' if started else ''}"
 
         return self._shared_fault(oom)
 
@@ -405,7 +414,7 @@ class StatefulRun:
             code = proc.process.process.returncode
             if not proc.killed_by_test and code != EXIT_BY_HANDLER:
                 self.unexpected_exits.append(
-                    f"{proc.kind} {proc.name} ({proc.flavour}) exited {code} by itself:\n{proc.process.output[-3000:]}"
+                    f"{proc.kind} {proc.name} ({proc.flavour}) exited {code} by itself:\n{proc.process.output[-1500:]}"
                 )
             self._launch(proc.kind, proc.name, proc.flavour, proc.settings)
         if not any(p.kind == "reclaimer" for p in self.procs.values()):
@@ -529,7 +538,7 @@ class StatefulRun:
         lines = [
             f"invariant violated on {self.kind} (seed {self.seed}); replay with",
             f"  STREAMGROUP_STATEFUL_SEED={self.seed} STREAMGROUP_STATEFUL_STEPS={self.steps} "
-            f"STREAMGROUP_STATEFUL_FAMILIES={families} pytest tests/test_stateful.py -k '{self.kind}'",
+            f"STREAMGROUP_STATEFUL_FAMILIES={families} pytest '{self.node_id}'",
             "violations:",
             *(f"  - {v}" for v in self.violations[:20]),
             f"  ({len(self.violations)} in all)" if len(self.violations) > 20 else "",
@@ -563,11 +572,19 @@ def _seeds() -> list[int]:
     return [random.randrange(1 << 32) for _ in range(_env_int("STREAMGROUP_STATEFUL_RUNS", 1))]
 
 
-def _run(kind: str, families: frozenset[str], tmp_path: Path, drain_seconds: float = 150) -> None:
+def _run(
+    kind: str,
+    families: frozenset[str],
+    tmp_path: Path,
+    node_id: str,
+    drain_seconds: float = 150,
+    focus: str | None = None,
+) -> None:
     steps = _env_int("STREAMGROUP_STATEFUL_STEPS", 14)
     for number, seed in enumerate(_seeds()):
         print(f"stateful run on {kind}: seed {seed}, {steps} steps, families {','.join(sorted(families))}")
         run = StatefulRun(kind, seed, steps, families, tmp_path / f"run-{number}", drain_seconds)
+        run.focus, run.node_id = focus, node_id
         try:
             run.run()
         finally:
@@ -575,9 +592,9 @@ def _run(kind: str, families: frozenset[str], tmp_path: Path, drain_seconds: flo
 
 
 @pytest.mark.slow
-def test_stateful(server: DevServer, tmp_path: Path) -> None:
+def test_stateful(server: DevServer, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """Random interleavings of every enabled family on each server kind."""
-    _run(server.kind, enabled_families(), tmp_path)
+    _run(server.kind, enabled_families(), tmp_path, request.node.nodeid)
 
 
 # One server kind for the expected failures keeps CI short; Redis 7.0 is the one that answers UNBLOCKED.
@@ -589,8 +606,8 @@ def test_stateful(server: DevServer, tmp_path: Path) -> None:
         for name, why in AWAITING_FIX.items()
     ],
 )
-def test_awaiting_fix(family: str, tmp_path: Path) -> None:
+def test_awaiting_fix(family: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """Each family today's code violates, alone with the basics (ok messages, SIGTERM, a restart of
     the consumers): must fail today, and pass once its fix is merged (then move it out of AWAITING_FIX)."""
     families = frozenset({family, "sigterm", "raise"})
-    _run("redis", families, tmp_path, drain_seconds=60)
+    _run("redis", families, tmp_path, request.node.nodeid, drain_seconds=60, focus=family)
