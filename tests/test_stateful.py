@@ -190,8 +190,8 @@ class StatefulRun:
         try:
             self.step("start reclaimer", self.start_reclaimer)
             self.step("start consumer", self.start_consumer)
-            for _ in range(self.steps):
-                name, action = self.choose()
+            for number in range(self.steps):
+                name, action = self.choose(forced=self.focus is not None and number % 3 == 2)
                 self.step(name, action)
             self.step("drain", self.drain)
         finally:
@@ -207,7 +207,8 @@ class StatefulRun:
             self.violations = list(dict.fromkeys(self.violations))
             raise InvariantViolation(self.report())
 
-    def choose(self) -> tuple[str, Callable[[], object]]:
+    def choose(self, forced: bool = False) -> tuple[str, Callable[[], object]]:
+        """A random step; `forced`: the focused family's step (or a produce, for an outcome)."""
         has = self.families.__contains__
         consumers = [p for p in self.live() if p.kind == "consumer"]
         options: list[tuple[str, Callable[[], object], float]] = [
@@ -228,6 +229,10 @@ class StatefulRun:
             if has(fault):
                 options.append((fault, getattr(self, f"fault_{fault}"), 0.6 if fault == "unblocked" else 1.0))
         focused = {"sigterm": "SIGTERM", "sigkill": "SIGKILL", "sigstop": "SIGSTOP"}.get(self.focus, self.focus)
+        if self.focus in OUTCOMES or self.focus == "repeated_fields":
+            focused = "produce"
+        if forced and any(name == focused for name, _, _ in options):
+            options = [option for option in options if option[0] == focused]
         options = [(name, action, weight * (3 if name == focused else 1)) for name, action, weight in options]
         names, actions, weights = zip(*options, strict=True)
         index = self.rng.choices(range(len(names)), weights=weights)[0]
@@ -241,11 +246,12 @@ class StatefulRun:
         outcomes = [op for op in OUTCOMES if op in self.families]
         count = self.rng.randint(1, 20)
         ops = Counter()
-        for _ in range(count):
-            odds = 0.3 if self.focus in OUTCOMES else 0.15
-            op = self.rng.choice(outcomes) if outcomes and self.rng.random() < odds else "ok"
+        for number in range(count):
+            op = self.rng.choice(outcomes) if outcomes and self.rng.random() < 0.15 else "ok"
+            if self.focus in OUTCOMES and number % 5 == 0:
+                op = self.focus  # a probe: every batch has one, among innocent batch-mates
             flat = [b"key", uuid.uuid4().hex.encode(), b"op", op.encode()]
-            if "repeated_fields" in self.families and self.rng.random() < 0.3:
+            if "repeated_fields" in self.families and (self.focus == "repeated_fields" or self.rng.random() < 0.3):
                 flat += [b"tag", b"first", b"tag", b"second"]
             entry_id = self.client.execute_command("XADD", STREAM, "*", *flat).decode()
             self.produced[entry_id] = (op, flat)
@@ -254,7 +260,7 @@ class StatefulRun:
 
     def _settings(self) -> dict:
         settings = {
-            "BATCH_SIZE": self.rng.choice([1, 5, 20]),
+            "BATCH_SIZE": self.rng.choice([5, 20] if self.focus in OUTCOMES else [1, 5, 20]),
             "CONCURRENCY": self.rng.choice([1, 2]),
             "READ_AHEAD": self.rng.choice(["true", "false"]),
             "BLOCK_MS": 500,
@@ -277,6 +283,8 @@ class StatefulRun:
         return proc
 
     def _flavour(self) -> str:
+        if self.focus in FLAVOURS:
+            return self.focus
         return self.rng.choice(["sync"] + [f for f in ("async", "decorated_async") if f in self.families])
 
     def start_consumer(self) -> str:
@@ -357,7 +365,8 @@ class StatefulRun:
     def fault_oom(self) -> str:
         seconds = self.rng.uniform(1, 4)
 
-        start_one = self.rng.random() < 0.5 and len([p for p in self.live() if p.kind == "consumer"]) < 3
+        consumers = len([p for p in self.live() if p.kind == "consumer"])
+        start_one = self.focus == "oom" or (self.rng.random() < 0.5 and consumers < 3)
 
         def oom() -> str:
             with faults.out_of_memory(self.client):
