@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
 import uuid
 from collections import Counter
@@ -34,12 +35,14 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from streamgroup.devserver import DevServer
 from streamgroup.settings import Settings
 from support import faults
 from support.accounting import GROUP, STREAM
-from support.processes import ServiceProcess, Services
+from support.processes import ServiceProcess, Services, wait_for
 from support.proxy import FaultProxy
 
 DEAD = f"{STREAM}:dead"
@@ -620,3 +623,89 @@ def test_awaiting_fix(family: str, tmp_path: Path, request: pytest.FixtureReques
     the consumers): must fail today, and pass once its fix is merged (then move it out of AWAITING_FIX)."""
     families = frozenset({family, "sigterm", "raise"})
     _run("redis", families, tmp_path, request.node.nodeid, drain_seconds=60, focus=family)
+
+
+# --- The injectors themselves, on every server kind ----------------------------------------------
+
+
+def _blocked_read(port: int, results: list) -> threading.Thread:
+    def read() -> None:
+        try:
+            with redis.Redis(port=port) as reader:
+                results.append(reader.xreadgroup(GROUP, "reader", {STREAM: ">"}, block=5000))
+        except redis.exceptions.RedisError as exc:
+            results.append(exc)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    time.sleep(0.5)  # blocked by now
+    return thread
+
+
+def test_the_injectors_make_the_server_answer_what_they_promise(server: DevServer) -> None:
+    with DevServer(server.kind, extra_args=faults.DURABLE) as own, redis.Redis(port=own.port) as client:
+        client.xgroup_create(STREAM, GROUP, id="$", mkstream=True)
+        client.xadd(STREAM, {"n": "1"})
+
+        with faults.busy(own.port, 1000), pytest.raises(redis.exceptions.ResponseError) as refused:
+            client.xlen(STREAM)
+        assert faults.is_busy_reply(refused.value)
+        assert client.xlen(STREAM) == 1
+
+        with faults.out_of_memory(client):
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                client.xadd(STREAM, {"n": "2"})
+            assert client.xack(STREAM, GROUP, "0-1") == 0  # not denyoom: still served
+        client.xadd(STREAM, {"n": "2"})
+
+        client.xreadgroup(GROUP, "reader", {STREAM: ">"})  # nothing new left: the next read blocks
+        results: list = []
+        reader = _blocked_read(own.port, results)
+        faults.unblock_readers(client, STREAM, GROUP)
+        reader.join(10)
+        # Redis 7.0: UNBLOCKED; Valkey 9.1 and Redis 8.2: NOGROUP (the group went with the stream)
+        expected = "UNBLOCKED" if server.kind == "redis" else "NOGROUP"
+        assert isinstance(results[0], redis.exceptions.ResponseError), results
+        assert str(results[0]).startswith(expected)
+        assert client.xlen(STREAM) == 0 and client.xinfo_groups(STREAM)[0]["name"] == GROUP.encode()
+
+        client.xadd(STREAM, {"n": "3"})
+        master_down = faults.MasterDown(own).start()
+        try:
+            assert not master_down.answers_masterdown()
+            own.stop()
+            assert wait_for(master_down.answers_masterdown, timeout=30, what="MASTERDOWN")
+            own.start()
+            master_down.wait_linked()
+        finally:
+            master_down.close()
+
+        faults.restart(own, crash=True)
+        with redis.Redis(port=own.port) as again:
+            assert again.xlen(STREAM) == 1  # appendfsync always: nothing acknowledged is lost
+
+
+def test_the_fault_proxy_cuts_delays_and_retargets(server: DevServer) -> None:
+    proxy = FaultProxy(server.port)
+    try:
+        with redis.Redis(port=proxy.port, socket_timeout=1, retry=Retry(NoBackoff(), 0)) as client:
+            assert client.ping()
+            assert proxy.cut() >= 1
+            with pytest.raises(redis.exceptions.ConnectionError):
+                client.ping()
+            assert client.ping()  # a new connection is accepted
+            proxy.delay(1.5)
+            with pytest.raises(redis.exceptions.TimeoutError):
+                client.ping()
+            proxy.delay(0)
+            proxy.cut()
+            assert client.ping()
+            with DevServer(server.kind) as other:
+                redis.Redis(port=other.port).set("where", "other")
+                proxy.retarget(other.port)
+                proxy.cut()
+                with pytest.raises(redis.exceptions.ConnectionError):
+                    client.get("where")
+                assert client.get("where") == b"other"
+    finally:
+        proxy.close()
