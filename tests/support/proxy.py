@@ -83,8 +83,10 @@ class FaultProxy:
             pairs, self._pairs = self._pairs, []
         for pair in pairs:
             for sock in pair:
+                # shutdown first: it wakes the pump blocked in recv (a bare close would not, and the
+                # descriptor would stay open under it)
                 with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    sock.shutdown(socket.SHUT_RDWR)
                 with contextlib.suppress(OSError):
                     sock.close()
         return len(pairs)
