@@ -100,7 +100,6 @@ AWAITING_FIX = {
 OUTCOMES = ("raise", "poison", "base", "hang", "exit")
 FAILING = {"raise", "base", "hang"}  # fail on every delivery: retried up to MAX_DELIVERIES
 FLAVOURS = {"sync": "stateful", "async": "stateful_async", "decorated_async": "stateful_decorated_async"}
-PROCESS_FAULTS = ("sigterm", "sigkill", "sigstop")
 SHARED_FAULTS = ("cut", "slow", "busy", "oom", "masterdown", "unblocked", "restart")
 
 
@@ -135,7 +134,7 @@ class Snapshot:
 
     pel: dict[str, tuple[str, int]]  # id -> (consumer, deliveries)
     last_delivered: str
-    dead: dict[str, list[list[bytes]]]  # original id -> the flat field lists of its copies
+    dead: dict[str, list[list[bytes]]]  # original id -> its copies (repeated names collapsed: count them only)
 
     def acked(self, entry_id: str) -> bool:
         return entry_id not in self.pel and _id_key(entry_id) <= _id_key(self.last_delivered)
@@ -166,7 +165,9 @@ class StatefulRun:
     ) -> None:
         self.kind, self.seed, self.steps, self.families = kind, seed, steps, families
         self.drain_seconds = drain_seconds
-        self.focus: str | None = None  # a family whose steps come three times as often
+        # A probe's family: its step is every third step and three times as likely in between; an
+        # outcome is in every fifth message; a flavour is every process's.
+        self.focus: str | None = None
         self.node_id = "tests/test_stateful.py"
         self.rng = random.Random(seed)
         self.workdir = workdir
