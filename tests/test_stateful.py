@@ -539,6 +539,11 @@ class StatefulRun:
                 self.violations.append(f"{entry_id} (op ok) settled without a successful call")
             if op != "ok" and not copies:
                 self.violations.append(f"{entry_id} (op {op}) acknowledged, not dead-lettered")
+            if op in FAILING and ledger.calls[entry_id] > MAX_DELIVERIES + 2 * self.excuses[entry_id]:
+                self.violations.append(
+                    f"{entry_id} (op {op}) handled {ledger.calls[entry_id]} times, more than {MAX_DELIVERIES} "
+                    f"deliveries ({self.excuses[entry_id]} test-made faults)"
+                )
             if op in FAILING and copies:
                 given_up_at = int(dict(zip(copies[0][::2], copies[0][1::2], strict=True))[META + b"deliveries"])
                 if given_up_at < MAX_DELIVERIES:
