@@ -1,6 +1,7 @@
 """TCP proxies in front of the test server. SilentProxy can go silent: while frozen it keeps every
 connection open and accepts new ones, but forwards nothing, as a network partition looks to a
-client (no reset, no close, just no reply)."""
+client (no reset, no close, just no reply). FaultProxy cuts every connection, delays replies, or
+sends new connections to another server."""
 
 from __future__ import annotations
 
