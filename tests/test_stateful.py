@@ -216,14 +216,15 @@ class StatefulRun:
         """A random step; `forced`: the focused family's step (or a produce, for an outcome)."""
         has = self.families.__contains__
         consumers = [p for p in self.live() if p.kind == "consumer"]
+        running = [p for p in consumers if not p.paused]  # a frozen process cannot act on SIGTERM
         options: list[tuple[str, Callable[[], object], float]] = [
             ("produce", self.produce, 4.0),
             ("wait", lambda: time.sleep(self.rng.uniform(0.5, 3)), 1.0),
         ]
         if len(consumers) < 3:
             options.append(("start consumer", self.start_consumer, 1.5))
-        if has("sigterm") and consumers:
-            options.append(("SIGTERM", lambda: self.sigterm(self.rng.choice(consumers)), 1.0))
+        if has("sigterm") and running:
+            options.append(("SIGTERM", lambda: self.sigterm(self.rng.choice(running)), 1.0))
         live = self.live()
         if has("sigkill") and live:
             options.append(("SIGKILL", lambda: self.sigkill(self.rng.choice(live)), 1.0))
