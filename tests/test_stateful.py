@@ -257,13 +257,17 @@ class StatefulRun:
             op = self.rng.choice(outcomes) if outcomes and self.rng.random() < 0.15 else "ok"
             if self.focus in OUTCOMES and number % 5 == 0:
                 op = self.focus  # a probe: every batch has one, among innocent batch-mates
-            flat = [b"key", uuid.uuid4().hex.encode(), b"op", op.encode()]
-            if "repeated_fields" in self.families and (self.focus == "repeated_fields" or self.rng.random() < 0.3):
-                flat += [b"tag", b"first", b"tag", b"second"]
-            entry_id = self.client.execute_command("XADD", STREAM, "*", *flat).decode()
-            self.produced[entry_id] = (op, flat)
+            self._add(op)
             ops[op] += 1
         return ", ".join(f"{n} {op}" for op, n in sorted(ops.items()))
+
+    def _add(self, op: str, *extra: bytes) -> str:
+        flat = [b"key", uuid.uuid4().hex.encode(), b"op", op.encode(), *extra]
+        if "repeated_fields" in self.families and (self.focus == "repeated_fields" or self.rng.random() < 0.3):
+            flat += [b"tag", b"first", b"tag", b"second"]
+        entry_id = self.client.execute_command("XADD", STREAM, "*", *flat).decode()
+        self.produced[entry_id] = (op, flat)
+        return entry_id
 
     def _settings(self) -> dict:
         settings = {
@@ -351,7 +355,14 @@ class StatefulRun:
     def fault_slow(self) -> str:
         seconds = self.rng.uniform(1, 4)
 
+        # Entries whose handler finishes inside the window, so that their settling (an ack, a
+        # dead-letter script) gets a late reply: whatever the client re-sends then runs twice.
+        finishing = [op for op in ("poison", "raise") if op in self.families] + ["ok"]
+        for op in finishing:
+            self._add(op, b"delay_ms", b"400")
+
         def slow() -> str:
+            time.sleep(0.2)  # read by now, their handlers busy
             self.proxy.delay(REDIS_TIMEOUT_MS / 1000 * 1.5)
             time.sleep(seconds)
             self.proxy.delay(0)

@@ -100,6 +100,7 @@ def record_held(message: Message) -> None:
 #   base     raise a BaseException: SystemExit or KeyboardInterrupt (sync), CancelledError or SystemExit (async)
 #   hang     never return (past STREAMGROUP_HANDLER_TIMEOUT_MS)
 #   exit     os._exit(EXIT_BY_HANDLER): the message kills the process, as a segfault would
+# A `delay_ms` field makes the call take that long first.
 # Three flavours of the same handler: plain function, `async def`, and `async def` behind an
 # ordinary decorator (functools.wraps), which is still async although inspect does not say so.
 
@@ -122,6 +123,11 @@ def _begin(message: Message) -> str:
     return op
 
 
+def _delay(message: Message) -> float:
+    """`delay_ms`: how long the call takes before doing what `op` says."""
+    return int(message.fields.get("delay_ms", "0")) / 1000
+
+
 def _done(message: Message) -> None:
     _ledger(f"ok {message.id} {message.deliveries} {_consumer}")
 
@@ -132,6 +138,7 @@ def _odd(message: Message) -> bool:
 
 def stateful(message: Message) -> None:
     op = _begin(message)
+    time.sleep(_delay(message))
     if op == "raise":
         raise RuntimeError(f"{message.id} is told to fail")
     if op == "poison":
@@ -147,7 +154,7 @@ def stateful(message: Message) -> None:
 
 async def stateful_async(message: Message) -> None:
     op = _begin(message)
-    await asyncio.sleep(0)  # a real coroutine: it only runs when awaited
+    await asyncio.sleep(_delay(message))  # a real coroutine: it only runs when awaited
     if op == "raise":
         raise RuntimeError(f"{message.id} is told to fail")
     if op == "poison":
