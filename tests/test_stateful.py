@@ -28,6 +28,8 @@ import random
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -39,7 +41,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from streamgroup.devserver import DevServer
+from streamgroup.devserver import DevServer, free_port
 from streamgroup.settings import Settings
 from support import faults
 from support.accounting import GROUP, STREAM
@@ -288,7 +290,14 @@ class StatefulRun:
         return settings
 
     def _launch(self, kind: str, name: str, flavour: str, settings: dict) -> Proc:
-        process = self.services.start(kind, name=name, HANDLER=f"support.handlers:{FLAVOURS[flavour]}", **settings)
+        process = self.services.start(
+            kind,
+            name=name,
+            HANDLER=f"support.handlers:{FLAVOURS[flavour]}",
+            STREAMGROUP_METRICS_PORT=free_port(),  # overrides Services' 0: /healthz without waiting for it
+            **settings,
+        )
+        process.metrics_port = int(process.env["STREAMGROUP_METRICS_PORT"])
         proc = Proc(name, kind, flavour, settings, process)
         self.procs[name] = proc
         return proc
@@ -436,6 +445,12 @@ class StatefulRun:
         """Restart what died, as Kubernetes would; a death the test did not cause is a violation
         unless the handler was told to kill the process."""
         for proc in list(self.procs.values()):
+            if proc.process.alive() and not proc.paused and _says_not_live(proc.process):
+                # Kubernetes' liveness probe: /healthz 503 (abandoned handler threads piling up)
+                proc.killed_by_test = True
+                proc.process.kill()
+                self.excuses.update(self._held_by(proc.name))
+                self.history.append(f"     {proc.name} said it is not live: killed and restarted")
             if proc.process.alive():
                 continue
             code = proc.process.process.returncode
@@ -590,6 +605,17 @@ class StatefulRun:
         self.client.close()
         self.raw.close()
         self.server.stop()
+
+
+def _says_not_live(process: ServiceProcess) -> bool:
+    """/healthz answered 503; no answer (starting, or gone) is not taken as a verdict."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{process.metrics_port}/healthz", timeout=2):
+            return False
+    except urllib.error.HTTPError as exc:
+        return exc.code == 503
+    except OSError:
+        return False
 
 
 def _strip_meta(flat: list[bytes]) -> list[bytes]:
