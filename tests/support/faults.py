@@ -3,7 +3,7 @@ the services with what production Redis says when it is in trouble, then puts it
 
   busy(port, ms)          BUSY: another client runs a Lua script that loops for `ms`
   out_of_memory(client)   OOM: maxmemory below what is used, noeviction; every denyoom command refused
-  unblock_readers(...)    UNBLOCKED (Redis 7.0 only; Valkey and Redis 8 just end the block): the
+  unblock_readers(...)    UNBLOCKED (Redis 7.0; Valkey 9.1 and Redis 8.2 answer NOGROUP instead): the
                           stream is deleted under blocked XREADGROUPs, then recreated with its group
   MasterDown              MASTERDOWN: a replica with replica-serve-stale-data no whose master is down
   restart(server)         the server dies (SIGKILL, or SIGTERM) and comes back from its AOF
@@ -103,7 +103,8 @@ def out_of_memory(client: redis.Redis) -> Iterator[int]:
 def unblock_readers(client: redis.Redis, stream: str, group: str, start_id: str = "$") -> bool:
     """Delete the stream under the consumers blocked in XREADGROUP, then recreate it (empty) with
     its group at `start_id`. Redis 7.0 answers the blocked readers `-UNBLOCKED the stream key no
-    longer exists`; Valkey and Redis 8 end their block. Everything in the stream and the group is
+    longer exists`; Valkey 9.1 and Redis 8.2 answer `-NOGROUP No such key ... or consumer group`
+    (at once, not at the end of the block). Everything in the stream and the group is
     gone: use it only when the test no longer needs them. Returns whether the group was recreated
     here (False: a service recreated it first)."""
     client.delete(stream)
