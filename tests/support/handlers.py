@@ -166,3 +166,95 @@ async def hang_some_async(message: Message) -> None:
 def hang_some_deferred(message: Message):
     """A sync call returning a coroutine that hangs on chosen serials."""
     return hang_some_async(message)
+
+
+# --- The stateful test's handlers (tests/test_stateful.py) -----------------------------------------
+# Each message says what its handler call must do in its `op` field; every call and every success is
+# appended to a file of this process in TESTHANDLER_LEDGER_DIR (os.write on an O_APPEND descriptor:
+# in the kernel before the handler returns, so it survives SIGKILL and os._exit of the process, and
+# it does not depend on the server under test, which the test makes fail).
+#   ok       succeed
+#   raise    raise RuntimeError (a failure: retried up to MAX_DELIVERIES, then dead-lettered)
+#   poison   raise PoisonMessage (dead-lettered at once)
+#   base     raise a BaseException: SystemExit or KeyboardInterrupt (sync), CancelledError or SystemExit (async)
+#   hang     never return (past STREAMGROUP_HANDLER_TIMEOUT_MS)
+#   exit     os._exit(EXIT_BY_HANDLER): the message kills the process, as a segfault would
+# A `delay_ms` field makes the call take that long first.
+# Three flavours of the same handler: plain function, `async def`, and `async def` behind an
+# ordinary decorator (functools.wraps), which is still async although inspect does not say so.
+
+EXIT_BY_HANDLER = 86
+_ledger_fd: int | None = None
+
+
+def _ledger(line: str) -> None:
+    global _ledger_fd
+    if _ledger_fd is None:
+        directory = os.environ["TESTHANDLER_LEDGER_DIR"]
+        path = os.path.join(directory, f"{_consumer}-{os.getpid()}.ledger")
+        _ledger_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.write(_ledger_fd, f"{line}\n".encode())
+
+
+def _begin(message: Message) -> str:
+    op = message.fields.get("op", "ok")
+    _ledger(f"call {message.id} {message.deliveries} {_consumer} {op}")
+    return op
+
+
+def _delay(message: Message) -> float:
+    """`delay_ms`: how long the call takes before doing what `op` says."""
+    return int(message.fields.get("delay_ms", "0")) / 1000
+
+
+def _done(message: Message) -> None:
+    _ledger(f"ok {message.id} {message.deliveries} {_consumer}")
+
+
+def _odd(message: Message) -> bool:
+    return int(message.fields.get("key", "0")[-1:], 16) % 2 == 1
+
+
+def stateful(message: Message) -> None:
+    op = _begin(message)
+    time.sleep(_delay(message))
+    if op == "raise":
+        raise RuntimeError(f"{message.id} is told to fail")
+    if op == "poison":
+        raise PoisonMessage(f"{message.id} is told to be poison")
+    if op == "base":
+        raise KeyboardInterrupt() if _odd(message) else SystemExit(3)
+    if op == "hang":
+        time.sleep(3600)
+    if op == "exit":
+        os._exit(EXIT_BY_HANDLER)
+    _done(message)
+
+
+async def stateful_async(message: Message) -> None:
+    op = _begin(message)
+    await asyncio.sleep(_delay(message))  # a real coroutine: it only runs when awaited
+    if op == "raise":
+        raise RuntimeError(f"{message.id} is told to fail")
+    if op == "poison":
+        raise PoisonMessage(f"{message.id} is told to be poison")
+    if op == "base":
+        raise asyncio.CancelledError() if _odd(message) else SystemExit(3)
+    if op == "hang":
+        await asyncio.sleep(3600)
+    if op == "exit":
+        os._exit(EXIT_BY_HANDLER)
+    _done(message)
+
+
+def _traced(handler):
+    """An ordinary decorator, as tracing or retry libraries write them."""
+
+    @functools.wraps(handler)
+    def wrapper(message: Message):
+        return handler(message)
+
+    return wrapper
+
+
+stateful_decorated_async = _traced(stateful_async)
