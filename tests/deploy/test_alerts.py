@@ -22,7 +22,7 @@ DASHBOARD = CHART / "dashboards" / "streamgroup.json"
 ALERTS = {
     "StreamgroupRedisDown", "StreamgroupPendingHigh", "StreamgroupStuckPending", "StreamgroupLagGrowing",
     "StreamgroupNoActiveConsumer", "StreamgroupDeadLettersIncreasing", "StreamgroupLagUnknown",
-    "StreamgroupReclaimerDown",
+    "StreamgroupReclaimerDown", "StreamgroupShardOrphaned",
 }  # fmt: skip
 
 
