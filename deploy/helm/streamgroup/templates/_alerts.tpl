@@ -26,7 +26,7 @@ the reclaimers' max alone, so the rules work with and without shards. */}}
   {{- with $r.pendingHigh }}{{ if .enabled }}
   {{- $threshold := .threshold }}
   {{- if kindIs "invalid" $threshold }}
-  {{- $threshold = mul 2 (int (include "streamgroup.setting" (dict "root" $ "key" "batchSize"))) (int (include "streamgroup.maxConsumers" $)) (int (include "streamgroup.shards" $)) }}
+  {{- $threshold = mul 2 (int (include "streamgroup.setting" (dict "root" $ "key" "batchSize"))) (int (include "streamgroup.maxConsumers" $)) (len (include "streamgroup.shardStreams" $ | fromJsonArray)) }}
   {{- end }}
     - alert: StreamgroupPendingHigh
       expr: sum by ({{ $by }}) (max by ({{ $perShard }}) (streamgroup_group_pending{ {{- $g -}} })) > {{ $threshold }}

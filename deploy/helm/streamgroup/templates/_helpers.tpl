@@ -197,11 +197,12 @@ with sentinels is Sentinel, as for the services; auto without is one server). */
 {{- if kindIs "invalid" $shards }}1{{ else }}{{ int $shards }}{{ end }}
 {{- end }}
 
-{{/* The stream key of each shard as a JSON list, as services/streamgroup/keys.py names them:
-one shard is the stream itself; N shards are "{<stream>:i}" with the braces of the name dropped. */}}
-{{- define "streamgroup.shardStreams" -}}
-{{- $shards := int (include "streamgroup.shards" .) }}
-{{- $stream := .Values.config.stream }}
+{{/* The stream keys of one shard layout as a JSON list, as services/streamgroup/keys.py
+(shard_keys) names them: one shard is the stream itself; N shards are "{<stream>:i}", the braces
+of the name dropped. Call with (list $stream $shards). */}}
+{{- define "streamgroup.shardLayout" -}}
+{{- $stream := index . 0 }}
+{{- $shards := int (index . 1) }}
 {{- if eq $shards 1 }}
 {{- list $stream | toJson }}
 {{- else }}
@@ -214,11 +215,27 @@ one shard is the stream itself; N shards are "{<stream>:i}" with the braces of t
 {{- end }}
 {{- end }}
 
-{{/* What Redis Cluster hashes of a key: the text between its first "{" and the next "}", if not
-empty (keys.hash_tag); empty when the whole key is hashed. */}}
-{{- define "streamgroup.hashTag" -}}
-{{- $start := regexFind "\\{[^}]*\\}" . }}
-{{- if $start }}{{ trimSuffix "}" (trimPrefix "{" $start) }}{{ end }}
+{{/* The stream keys consumers and the reclaimer read, in the order of their `shard` label
+(keys.read_shards): the current layout's, then, while config.previousShards is set, the old
+layout's that are not among them. */}}
+{{- define "streamgroup.shardStreams" -}}
+{{- $stream := .Values.config.stream }}
+{{- $keys := include "streamgroup.shardLayout" (list $stream (include "streamgroup.shards" .)) | fromJsonArray }}
+{{- with .Values.config.previousShards }}
+{{- range include "streamgroup.shardLayout" (list $stream .) | fromJsonArray }}
+{{- if not (has . $keys) }}
+{{- $keys = append $keys . }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $keys | toJson }}
+{{- end }}
+
+{{/* What Redis Cluster hashes of a key (keys.hash_tag): the text between its first "{" and the
+next "}" if not empty, else the whole key. Keys with the same hashed part share a slot. */}}
+{{- define "streamgroup.hashedPart" -}}
+{{- $tag := regexFind "\\{[^}]*\\}" . | trimPrefix "{" | trimSuffix "}" }}
+{{- default . $tag }}
 {{- end }}
 
 {{/* Fails the render on value combinations the schema cannot express. */}}
@@ -261,8 +278,7 @@ hash tags of their own. */}}
 {{- if eq (include "streamgroup.shards" .) "1" }}
 {{- $stream := .Values.config.stream }}
 {{- $dead := default (printf "%s:dead" $stream) .Values.config.deadLetterStream }}
-{{- $tag := include "streamgroup.hashTag" $stream }}
-{{- if or (not $tag) (ne $tag (include "streamgroup.hashTag" $dead)) }}
+{{- if ne (include "streamgroup.hashedPart" $stream) (include "streamgroup.hashedPart" $dead) }}
 {{- fail (printf "config.stream %q and its dead-letter stream %q would be in different Redis Cluster hash slots, and the services refuse to start so (dead-lettering moves an entry between them in one script): give the stream a hash tag, e.g. config.stream={%s} (dead letters then go to {%s}:dead), or use config.shards > 1" $stream $dead ($stream | replace "{" "" | replace "}" "") ($stream | replace "{" "" | replace "}" "")) }}
 {{- end }}
 {{- end }}
