@@ -341,3 +341,11 @@ def test_pending_alert_threshold_counts_every_shard_a_consumer_reads():
     rules = alert_rule_groups({"config": {"shards": 3}, "consumer": {"replicas": 2}})
     (pending,) = [r for group in rules for r in group["rules"] if r["alert"] == "StreamgroupPendingHigh"]
     assert pending["expr"].endswith("> 1200")  # 2 x 100 x 2 pods x 3 shards
+
+
+def test_a_list_of_keda_addresses_needs_a_cluster_or_sentinels():
+    external = {"bundled": {"enabled": False}, "external": {"url": "redis://r.example:6379/0"}}
+    with pytest.raises(helm.HelmRenderError, match="a list of addresses is for a cluster's nodes or the sentinels"):
+        _keda({"redis": external}, address="a.example:6379,b.example:6379")
+    (trigger,) = _keda({"redis": external}, address="a.example:6379")["spec"]["triggers"]
+    assert trigger["metadata"]["address"] == "a.example:6379"
