@@ -22,7 +22,7 @@ DASHBOARD = CHART / "dashboards" / "streamgroup.json"
 ALERTS = {
     "StreamgroupRedisDown", "StreamgroupPendingHigh", "StreamgroupStuckPending", "StreamgroupLagGrowing",
     "StreamgroupNoActiveConsumer", "StreamgroupDeadLettersIncreasing", "StreamgroupLagUnknown",
-    "StreamgroupReclaimerDown",
+    "StreamgroupReclaimerDown", "StreamgroupShardOrphaned",
 }  # fmt: skip
 
 
@@ -146,7 +146,7 @@ def test_runbook_says_what_it_means_how_to_look_and_what_to_do():
 
 def _dashboard_queries() -> list[str]:
     dashboard = json.loads(DASHBOARD.read_text())
-    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queries = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]  # rows have none
     for variable in dashboard["templating"]["list"]:
         if variable["type"] == "query":
             # label_values(<selector>, label) is Grafana's; the selector inside is PromQL.
@@ -197,11 +197,31 @@ def test_dashboard_picks_a_release_and_never_adds_up_reclaimer_gauges():
         assert 'job=~"$job"' in query or "namespace" not in query, query
         gauge = 'component="reclaimer"' in query and "rate(" not in query and "increase(" not in query
         # Two reclaimers (a rollout, or replicas: 2) export the same gauge twice: max, not sum.
-        assert not (gauge and query.startswith("sum")), query
+        # Shards are summed, over the reclaimers' max per shard.
+        if gauge and query.startswith("sum"):
+            summed = re.fullmatch(r"sum by \(([\w, ]+)\) \(max by \(([\w, ]+)\) \(streamgroup_\w+\{[^}]*\}\)\)", query)
+            assert summed and summed.group(2) == f"{summed.group(1)}, shard", query
     dead = [q for q in _dashboard_queries() if "streamgroup_messages_dead_lettered_total" in q]
     assert dead and all("component=" not in q for q in dead), "consumers dead-letter too"
     idle = [q for q in _dashboard_queries() if "streamgroup_group_oldest_pending_idle_seconds" in q]
     assert idle
+
+
+def test_dashboard_sums_shards_and_drills_into_one():
+    """Lag and pending add up over the shards (the largest shard would hide the rest); a `shard`
+    variable picks shards for the per-shard panels."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["shard"]["query"]["query"].endswith(", shard)")
+    assert variables["shard"]["includeAll"] and variables["shard"]["allValue"] == ".*"
+    panels = {p["title"]: p for p in dashboard["panels"]}
+    for title in ("Lag", "Pending", "Lag (undelivered)", "Pending (unacknowledged)"):
+        (expr, *_) = [t["expr"] for t in panels[title]["targets"]]
+        assert expr.startswith("sum by (stream, group) (max by (stream, group, shard) ("), title
+    per_shard = [t["expr"] for p in dashboard["panels"] if "per shard" in p["title"] for t in p["targets"]]
+    assert len(per_shard) >= 5
+    assert all('shard=~"$shard"' in q and ", shard)" in q for q in per_shard)
+    assert any("streamgroup_group_consumers_active" in q for q in per_shard)
 
 
 def _exported_names() -> set[str]:

@@ -28,6 +28,7 @@ RULE_VALUES = {
             "noActiveConsumer": {"for": "2s"},
             "redisDown": {"for": "3s"},
             "reclaimerDown": {"for": "3s"},
+            "shardOrphaned": {"window": "15s", "for": "2s"},
         }
     }
 }
@@ -163,6 +164,55 @@ def test_stopping_consumers_fires_the_lag_alerts_and_restarting_resolves_them(va
         firing = {a["labels"]["alertname"]: a for a in prometheus.api("alerts")["alerts"]}
         assert firing["StreamgroupRedisDown"]["labels"]["namespace"] == NAMESPACE
         assert firing["StreamgroupReclaimerDown"]["labels"]["namespace"] == NAMESPACE
+    except BaseException:
+        print(services.logs())
+        if prometheus is not None:
+            print(prometheus.log.read_text()[-3000:])
+        raise
+    finally:
+        if prometheus is not None:
+            prometheus.stop()
+        services.stop_all()
+
+
+@pytest.mark.timeout(240)
+def test_a_shard_no_consumer_reads_fires_the_orphaned_shard_alert(valkey, tmp_path):
+    """Three shards; the consumers run with two (an update of STREAMGROUP_SHARDS that reached the
+    producer and the reclaimer but not them): shard 2 fills while shards 0 and 1 are read. The
+    reclaimer's per-shard gauges make StreamgroupShardOrphaned fire for shard "2" alone, and the
+    rules' sums count all three shards. A consumer that reads all three shards resolves it."""
+    services = Services(valkey.url, tmp_path)
+    prometheus = None
+    try:
+        fast = {"RECLAIM_INTERVAL_MS": 300, "ACTIVE_CONSUMER_IDLE_MS": 2000}
+        reclaimer = services.start("reclaimer", metrics=True, SHARDS=3, **fast)
+        producer = services.start("producer", metrics=True, SHARDS=3, PRODUCER_INTERVAL_MS=20)
+        behind = services.start("consumer", name="consumer-two-shards", metrics=True, SHARDS=2)
+        prometheus = Prometheus(tmp_path, {
+            "reclaimer": [reclaimer.metrics_port], "producer": [producer.metrics_port],
+            "consumer": [behind.metrics_port],
+        }).start()  # fmt: skip
+        lag = f'streamgroup_group_lag{{job="{JOB}", component="reclaimer", shard="2"}}'
+        wait_for(lambda: (prometheus.value(lag) or 0) > 30, timeout=60, interval=0.5, what="shard 2 filling")
+
+        def orphaned() -> list[dict] | None:
+            alerts = [a for a in prometheus.api("alerts")["alerts"] if a["state"] == "firing"]
+            found = [a for a in alerts if a["labels"]["alertname"] == "StreamgroupShardOrphaned"]
+            return found or None
+
+        (alert,) = wait_for(orphaned, timeout=60, interval=0.5, what="orphaned-shard alert firing")
+        assert alert["labels"]["shard"] == "2"
+        assert alert["labels"]["stream"] == "messageStream"
+        assert "StreamgroupNoActiveConsumer" not in prometheus.alerts()
+        # The totals the rules use add the shards up: shard 2's lag is part of them.
+        per_shard = f'max by (stream, group, shard) (streamgroup_group_lag{{job="{JOB}", component="reclaimer"}})'
+        total = prometheus.value(f"sum by (stream, group) ({per_shard})")
+        assert total is not None and total >= prometheus.value(lag) > 30
+
+        services.start("consumer", name="consumer-three-shards", SHARDS=3)
+        wait_for(lambda: "StreamgroupShardOrphaned" not in prometheus.alerts(), timeout=90, interval=0.5,
+                 what="orphaned-shard alert resolved")  # fmt: skip
+        wait_for(lambda: (prometheus.value(lag) or 0) < 30, timeout=60, interval=0.5, what="shard 2 drained")
     except BaseException:
         print(services.logs())
         if prometheus is not None:

@@ -563,7 +563,7 @@ def test_pods_carry_the_recommended_labels_common_labels_and_the_image_version()
         for key in ("name", "instance", "component", "part-of", "managed-by"):
             assert f"app.kubernetes.io/{key}" in labels, (obj["metadata"]["name"], key)
         assert labels["app.kubernetes.io/version"] == "1.4.2"
-        assert labels["helm.sh/chart"] == "streamgroup-0.2.0"
+        assert labels["helm.sh/chart"] == "streamgroup-0.3.0"
         assert labels["team"] == "data" and labels["tier"] == "queue"
         assert obj["metadata"]["labels"]["app.kubernetes.io/version"] == "1.4.2"
     # Without a tag the version is the chart's appVersion.

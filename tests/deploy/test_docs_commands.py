@@ -20,7 +20,10 @@ def _commands() -> list[str]:
 
 
 def _typed(value: str) -> Any:
-    """What `helm --set` makes of a value: booleans and integers are typed, the rest are strings."""
+    """What `helm --set` makes of a value: `{a,b}` is a list, booleans and integers are typed, the
+    rest are strings."""
+    if value.startswith("{") and value.endswith("}"):
+        return [_typed(item) for item in value[1:-1].split(",") if item]
     if value in ("true", "false"):
         return value == "true"
     return int(value) if re.fullmatch(r"-?\d+", value) else value
@@ -39,7 +42,18 @@ def _values(command: str) -> dict[str, Any]:
 
 
 def test_the_doc_has_install_commands() -> None:
-    assert len([c for c in _commands() if c.startswith("helm install")]) >= 2
+    assert len([c for c in _commands() if c.startswith("helm install")]) >= 4
+    modes = {_values(c).get("redis", {}).get("mode") for c in _commands()}
+    assert {"cluster", "sentinel"} <= modes, "docs/deploy.md shows a cluster and a Sentinel install"
+
+
+def test_set_values_are_read_as_helm_reads_them() -> None:
+    assert _values("helm install x . --set a.b={h:1,k:2} --set c=3 --set d=true --set e={orders}") == {
+        "a": {"b": ["h:1", "k:2"]},
+        "c": 3,
+        "d": True,
+        "e": ["orders"],
+    }
 
 
 @pytest.mark.parametrize("command", _commands())

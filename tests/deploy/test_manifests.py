@@ -179,3 +179,22 @@ def test_crd_schemas_reject_broken_resources(renders, kind, mutate, message):
     mutate(obj)
     with pytest.raises(jsonschema.ValidationError, match=message):
         validate_custom_resource(obj)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda so: so["spec"]["advanced"]["scalingModifiers"].update({"formula": 1}), "1 is not of type 'string'"),
+        (lambda so: so["spec"]["advanced"]["scalingModifiers"].update({"formulas": "lag0"}), "formulas"),
+        (lambda so: so["spec"]["advanced"].update({"scalingModifier": {}}), "scalingModifier"),
+    ],
+)
+def test_the_vendored_scaled_object_schema_knows_scaling_modifiers(renders, mutate, message):
+    """Sharded streams scale on advanced.scalingModifiers (KEDA >= 2.12): the vendored CRD schema
+    has it and refuses a broken one."""
+    scaled_object = copy.deepcopy(next(o for o in renders("cluster-shards-values") if o["kind"] == "ScaledObject"))
+    assert scaled_object["spec"]["advanced"]["scalingModifiers"]["formula"]
+    validate_custom_resource(scaled_object)
+    mutate(scaled_object)
+    with pytest.raises(jsonschema.ValidationError, match=message):
+        validate_custom_resource(scaled_object)

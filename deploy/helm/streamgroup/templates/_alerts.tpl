@@ -8,6 +8,11 @@ PrometheusRule; the tests feed the same list to promtool and to a real Prometheu
 {{- $g := printf "%s, component=\"reclaimer\"" $s }}
 {{- $r := .Values.prometheusRule.rules }}
 {{- $by := "namespace, stream, group" }}
+{{- /* With shards, the reclaimer exports each group gauge once per shard (label "shard"). Two
+reclaimers (a rollout, replicas: 2) export the same series twice: max over those per shard, then
+sum (lag, pending) or max (idle, age) over the shards. Without a shard label the inner max is
+the reclaimers' max alone, so the rules work with and without shards. */}}
+{{- $perShard := "namespace, stream, group, shard" }}
 - name: streamgroup
   rules:
   {{- with $r.redisDown }}{{ if .enabled }}
@@ -21,10 +26,10 @@ PrometheusRule; the tests feed the same list to promtool and to a real Prometheu
   {{- with $r.pendingHigh }}{{ if .enabled }}
   {{- $threshold := .threshold }}
   {{- if kindIs "invalid" $threshold }}
-  {{- $threshold = mul 2 (int (include "streamgroup.setting" (dict "root" $ "key" "batchSize"))) (int (include "streamgroup.maxConsumers" $)) }}
+  {{- $threshold = mul 2 (int (include "streamgroup.setting" (dict "root" $ "key" "batchSize"))) (int (include "streamgroup.maxConsumers" $)) (len (include "streamgroup.shardStreams" $ | fromJsonArray)) }}
   {{- end }}
     - alert: StreamgroupPendingHigh
-      expr: max by ({{ $by }}) (streamgroup_group_pending{ {{- $g -}} }) > {{ $threshold }}
+      expr: sum by ({{ $by }}) (max by ({{ $perShard }}) (streamgroup_group_pending{ {{- $g -}} })) > {{ $threshold }}
       for: {{ .for }}
       {{- include "streamgroup.alertMeta" (list $ . "streamgrouppendinghigh"
         "{{ $labels.group }} on {{ $labels.stream }} has {{ $value }} pending messages"
@@ -47,8 +52,8 @@ PrometheusRule; the tests feed the same list to promtool and to a real Prometheu
   {{- with $r.lagGrowing }}{{ if .enabled }}
     - alert: StreamgroupLagGrowing
       expr: >-
-        max by ({{ $by }}) (streamgroup_group_lag{ {{- $g -}} }) > {{ .threshold }}
-        and max by ({{ $by }}) (delta(streamgroup_group_lag{ {{- $g -}} }[{{ .window }}])) > 0
+        sum by ({{ $by }}) (max by ({{ $perShard }}) (streamgroup_group_lag{ {{- $g -}} })) > {{ .threshold }}
+        and sum by ({{ $by }}) (max by ({{ $perShard }}) (delta(streamgroup_group_lag{ {{- $g -}} }[{{ .window }}]))) > 0
         and min by ({{ $by }}) (streamgroup_group_lag_known{ {{- $g -}} }) == 1
       for: {{ .for }}
       {{- include "streamgroup.alertMeta" (list $ . "streamgrouplaggrowing"
@@ -69,6 +74,21 @@ PrometheusRule; the tests feed the same list to promtool and to a real Prometheu
       {{- include "streamgroup.alertMeta" (list $ . "streamgroupnoactiveconsumer"
         "No active consumer in {{ $labels.group }} on {{ $labels.stream }} while messages wait"
         "No consumer of group {{ $labels.group }} on stream {{ $labels.stream }} was seen within the last minute, yet undelivered messages are waiting (or Redis cannot tell the lag).") }}
+  {{- end }}{{ end }}
+  {{- with $r.shardOrphaned }}{{ if .enabled }}
+    - alert: StreamgroupShardOrphaned
+      # One shard's lag grows while no consumer of the group is active on it, yet consumers are
+      # active on another shard: they run with fewer shards than the producer writes to, or their
+      # reader of this shard is stuck. (With no consumer at all, StreamgroupNoActiveConsumer fires.)
+      expr: >-
+        max by ({{ $perShard }}) (deriv(streamgroup_group_lag{ {{- $g -}} }[{{ .window }}])) > 0
+        and max by ({{ $perShard }}) (streamgroup_group_lag{ {{- $g -}} }) > 0
+        and max by ({{ $perShard }}) (streamgroup_group_consumers_active{ {{- $g -}} }) == 0
+        and on ({{ $by }}) max by ({{ $by }}) (streamgroup_group_consumers_active{ {{- $g -}} }) > 0
+      for: {{ .for }}
+      {{- include "streamgroup.alertMeta" (list $ . "streamgroupshardorphaned"
+        "No consumer of {{ $labels.group }} reads shard {{ $labels.shard }} of {{ $labels.stream }} (its lag grows {{ $value | humanize }}/s)"
+        (printf "The lag of group {{ $labels.group }} on shard {{ $labels.shard }} of stream {{ $labels.stream }} grew over the last %s and no consumer was active on that shard, while consumers are active on other shards: its messages wait for nobody." .window)) }}
   {{- end }}{{ end }}
   {{- with $r.deadLettersIncreasing }}{{ if .enabled }}
     - alert: StreamgroupDeadLettersIncreasing

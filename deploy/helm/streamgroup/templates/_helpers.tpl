@@ -183,6 +183,61 @@ generates for the bundled Redis; empty when there is no password. */}}
 {{- end }}
 {{- end }}
 
+{{/* How the services reach Redis, as KEDA must be told: standalone, cluster or sentinel (auto
+with sentinels is Sentinel, as for the services; auto without is one server). */}}
+{{- define "streamgroup.redisMode" -}}
+{{- $redis := .Values.redis }}
+{{- if eq $redis.mode "auto" }}{{ ternary "sentinel" "standalone" (gt (len $redis.sentinels) 0) }}
+{{- else }}{{ $redis.mode }}{{ end }}
+{{- end }}
+
+{{/* Number of stream shards (config.shards; null is the services' default, 1). */}}
+{{- define "streamgroup.shards" -}}
+{{- $shards := .Values.config.shards }}
+{{- if kindIs "invalid" $shards }}1{{ else }}{{ int $shards }}{{ end }}
+{{- end }}
+
+{{/* The stream keys of one shard layout as a JSON list, as services/streamgroup/keys.py
+(shard_keys) names them: one shard is the stream itself; N shards are "{<stream>:i}", the braces
+of the name dropped. Call with (list $stream $shards). */}}
+{{- define "streamgroup.shardLayout" -}}
+{{- $stream := index . 0 }}
+{{- $shards := int (index . 1) }}
+{{- if eq $shards 1 }}
+{{- list $stream | toJson }}
+{{- else }}
+{{- $base := $stream | replace "{" "" | replace "}" "" }}
+{{- $keys := list }}
+{{- range $i := until $shards }}
+{{- $keys = append $keys (printf "{%s:%d}" $base $i) }}
+{{- end }}
+{{- $keys | toJson }}
+{{- end }}
+{{- end }}
+
+{{/* The stream keys consumers and the reclaimer read, in the order of their `shard` label
+(keys.read_shards): the current layout's, then, while config.previousShards is set, the old
+layout's that are not among them. */}}
+{{- define "streamgroup.shardStreams" -}}
+{{- $stream := .Values.config.stream }}
+{{- $keys := include "streamgroup.shardLayout" (list $stream (include "streamgroup.shards" .)) | fromJsonArray }}
+{{- with .Values.config.previousShards }}
+{{- range include "streamgroup.shardLayout" (list $stream .) | fromJsonArray }}
+{{- if not (has . $keys) }}
+{{- $keys = append $keys . }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $keys | toJson }}
+{{- end }}
+
+{{/* What Redis Cluster hashes of a key (keys.hash_tag): the text between its first "{" and the
+next "}" if not empty, else the whole key. Keys with the same hashed part share a slot. */}}
+{{- define "streamgroup.hashedPart" -}}
+{{- $tag := regexFind "\\{[^}]*\\}" . | trimPrefix "{" | trimSuffix "}" }}
+{{- default . $tag }}
+{{- end }}
+
 {{/* Fails the render on value combinations the schema cannot express. */}}
 {{- define "streamgroup.validate" -}}
 {{- if and .Values.redis.bundled.enabled .Values.redis.external.url }}
@@ -204,6 +259,29 @@ generates for the bundled Redis; empty when there is no password. */}}
 {{- end }}
 {{- if ne (empty .Values.redis.tls.certKey) (empty .Values.redis.tls.keyKey) }}
 {{- fail "redis.tls.certKey and redis.tls.keyKey go together" }}
+{{- end }}
+{{- $mode := .Values.redis.mode }}
+{{- if and .Values.redis.bundled.enabled (has $mode (list "cluster" "sentinel")) }}
+{{- fail (printf "redis.mode=%s needs an external Redis: the bundled Redis is one server, neither a cluster nor watched by sentinels. Set redis.bundled.enabled=false and redis.external.url (%s)" $mode (ternary "any node of the cluster" "its user, TLS and database; the sentinels name the primary" (eq $mode "cluster"))) }}
+{{- end }}
+{{- if and .Values.redis.bundled.enabled (gt (len .Values.redis.sentinels) 0) }}
+{{- fail "redis.sentinels: the bundled Redis is not watched by sentinels; use them with an external Redis (redis.bundled.enabled=false, redis.mode=sentinel)" }}
+{{- end }}
+{{- if eq $mode "cluster" }}
+{{- $db := trimPrefix "/" (urlParse (include "streamgroup.redisUrl" .)).path }}
+{{- if not (has $db (list "" "0")) }}
+{{- fail (printf "redis.external.url: a Redis Cluster has only database 0, the URL names database %s" $db) }}
+{{- end }}
+{{- /* One shard: the dead-letter script moves entries between the stream and its dead-letter
+stream, which must share a hash slot (the services refuse to start otherwise). N shards get
+hash tags of their own. */}}
+{{- if eq (include "streamgroup.shards" .) "1" }}
+{{- $stream := .Values.config.stream }}
+{{- $dead := default (printf "%s:dead" $stream) .Values.config.deadLetterStream }}
+{{- if ne (include "streamgroup.hashedPart" $stream) (include "streamgroup.hashedPart" $dead) }}
+{{- fail (printf "config.stream %q and its dead-letter stream %q would be in different Redis Cluster hash slots, and the services refuse to start so (dead-lettering moves an entry between them in one script): give the stream a hash tag, e.g. config.stream={%s} (dead letters then go to {%s}:dead), or use config.shards > 1" $stream $dead ($stream | replace "{" "" | replace "}" "") ($stream | replace "{" "" | replace "}" "")) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 
