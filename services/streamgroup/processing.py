@@ -339,16 +339,25 @@ class MessageWorker:
         metrics: Metrics,
     ) -> None:
         self._client, self._keys, self._consumer = client, keys, consumer
+        self.keys = keys
         self.runner = runner
         self.scripts = Scripts(client, keys)
         self._max_deliveries = settings.max_deliveries
         # Renewed three times per claim window: two renewals may be late before the reclaimer may act.
         self.lease_seconds = settings.claim_min_idle_ms / 1000.0 / 3
         self._metrics = metrics
+        self.work = metrics.work[keys.shard]
         self._failure_log = FailureLog()
 
     @classmethod
     def for_service(cls, service: Service) -> MessageWorker:
+        """The worker of the first (with one shard: the only) shard."""
+        return cls.for_shards(service)[0]
+
+    @classmethod
+    def for_shards(cls, service: Service) -> list[MessageWorker]:
+        """One worker per shard the service reads, all calling the handler through one runner, so
+        STREAMGROUP_CONCURRENCY bounds the whole process."""
         settings = service.settings
         metrics = service.metrics
         runner = HandlerRunner(
@@ -358,7 +367,10 @@ class MessageWorker:
             on_timeout=metrics.handler_timeouts.inc,
         )
         service.add_liveness_check(lambda: not runner.wedged)
-        return cls(service.client, service.keys, settings.consumer_name, runner, settings, metrics)
+        return [
+            cls(service.client, keys, settings.consumer_name, runner, settings, metrics)
+            for keys in service.shards or [service.keys]
+        ]
 
     async def handle(
         self,
@@ -449,7 +461,7 @@ class MessageWorker:
                 reason = f"{type(exc).__name__}: {exc}"
                 rejected.append((RawEntry(message.id, sent[message.id], message.deliveries), reason))
             else:
-                self._metrics.processed["failed"].inc()
+                self.work.processed["failed"].inc()
         return rejected
 
     async def _dead_letter(self, rejected: list[tuple[RawEntry, str]]) -> None:
@@ -460,8 +472,8 @@ class MessageWorker:
                 for entry, reason in rejected
             ],
         )
-        self._metrics.dead_lettered.inc(len(moved))
-        self._metrics.processed["dead_lettered"].inc(len(moved))
+        self.work.dead_lettered.inc(len(moved))
+        self.work.processed["dead_lettered"].inc(len(moved))
         for entry, reason in rejected:
             if entry.id in moved:
                 log.warning(
@@ -483,7 +495,7 @@ class MessageWorker:
         not count again); the end-to-end latency of `ids` runs to `sent_at`, when the XACK left."""
         if not ids:
             return
-        self._metrics.processed["acked"].inc(len(ids) if acknowledged is None else acknowledged)
+        self.work.processed["acked"].inc(len(ids) if acknowledged is None else acknowledged)
         now = time.time() if sent_at is None else sent_at
         # One observation per distinct millisecond, not per entry: the IDs are split and counted
         # in C (map/Counter), which takes a quarter of the time of parsing every ID in Python.
