@@ -1,0 +1,155 @@
+"""Sharded streams end to end (STREAMGROUP_SHARDS): producer, three consumers and the reclaimer on
+real processes; every message handled or dead-lettered exactly as on one stream, poison messages
+in their own shard's dead-letter stream, each partition value's messages in order in one shard,
+and the reclaimer's shard-labelled gauges equal to what XINFO says of each shard.
+
+`run_end_to_end` takes the URL the services use and a client for the data, so the same check runs
+on one server (N shards are N keys there) and on a Redis Cluster (tests/cluster)."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import pytest
+import redis
+
+from streamgroup.keys import shard_keys, shard_of
+from support.processes import Services, wait_for
+
+STREAM, GROUP = "messageStream", "messageGroup"
+PRODUCERS = 5
+MESSAGES = 300  # 60 serials per producer
+POISON_EVERY = 7  # serials 7, 14, ... of every producer are poison
+
+
+def _books(books: redis.Redis) -> list[tuple[str, str, str, int, int]]:
+    rows = []
+    for row in books.lrange("done-sharded", 0, -1):
+        consumer, stream, entry_id, producer, serial = row.split(" ")
+        rows.append((consumer, stream, entry_id, int(producer), int(serial)))
+    return rows
+
+
+def _settled(data: redis.Redis, shards: int) -> bool:
+    """Every message delivered and none pending, in every shard."""
+    read = 0
+    for keys in shard_keys(STREAM, GROUP, shards):
+        if not data.exists(keys.stream):
+            return False
+        groups = [g for g in data.xinfo_groups(keys.stream) if g["name"] == GROUP]
+        if not groups or groups[0]["pending"] or groups[0]["lag"]:
+            return False
+        read += groups[0]["entries-read"] or 0
+    return read == MESSAGES
+
+
+def _gauges_match(reclaimer, data: redis.Redis, shards: int) -> bool:
+    for keys in shard_keys(STREAM, GROUP, shards):
+        info = next(g for g in data.xinfo_groups(keys.stream) if g["name"] == GROUP)
+        labels = {"stream": STREAM, "shard": keys.shard}
+        expected = {
+            "streamgroup_stream_length": data.xlen(keys.stream),
+            "streamgroup_dead_letter_length": data.xlen(keys.dead_letter),
+            "streamgroup_group_lag": info["lag"],
+            "streamgroup_group_pending": data.xpending(keys.stream, GROUP)["pending"],
+        }
+        for name, value in expected.items():
+            if reclaimer.metric(name, **labels) != value:
+                return False
+    return True
+
+
+def run_end_to_end(services: Services, data: redis.Redis, books: redis.Redis, shards: int, **extra: object) -> None:
+    settings = {"SHARDS": shards, **extra}
+    reclaimer = services.start(
+        "reclaimer", name="reclaimer", metrics=True, HANDLER="support.handlers:record_sharded",
+        TESTHANDLER_FAIL_MOD=POISON_EVERY, CLAIM_MIN_IDLE_MS=2000, RECLAIM_INTERVAL_MS=300, **settings,
+    )  # fmt: skip
+    consumers = [
+        services.start(
+            "consumer",
+            name=f"consumer-{i}",
+            metrics=True,
+            HANDLER="support.handlers:record_sharded",
+            TESTHANDLER_FAIL_MOD=POISON_EVERY,
+            BATCH_SIZE=10,
+            MAX_DELIVERIES=1,
+            **settings,
+        )  # fmt: skip
+        for i in range(3)
+    ]
+    producer = services.start(
+        "producer", PRODUCERS=PRODUCERS, PRODUCER_INTERVAL_MS=5, MAX_MESSAGES=MESSAGES,
+        PARTITION_FIELD="producer", LOG_LEVEL="WARNING", **settings,
+    )  # fmt: skip
+    assert producer.wait(60) == 0, producer.output
+    wait_for(lambda: _settled(data, shards), timeout=90, what="every message delivered and settled")
+
+    layout = shard_keys(STREAM, GROUP, shards)
+    if shards == 1:
+        assert layout[0].stream == STREAM and layout[0].dead_letter == f"{STREAM}:dead", "one shard: today's keys"
+    produced: dict[tuple[str, str], tuple[int, int]] = {}
+    for keys in layout:
+        serials_by_producer: dict[int, list[int]] = defaultdict(list)
+        for entry_id, fields in data.xrange(keys.stream):
+            producer_no, serial = int(fields["producer"]), int(fields["serial"])
+            produced[(keys.stream, entry_id)] = (producer_no, serial)
+            serials_by_producer[producer_no].append(serial)
+            assert shard_of(str(producer_no), shards) == int(keys.shard), "the partition value picks the shard"
+        for producer_no, serials in serials_by_producer.items():
+            assert serials == sorted(serials), f"producer {producer_no}'s messages out of order in {keys.stream}"
+    assert len(produced) == MESSAGES
+    assert sorted(produced.values()) == [(p, s) for p in range(1, PRODUCERS + 1) for s in range(1, 61)]
+    if shards > 1:
+        assert sum(1 for keys in layout if data.xlen(keys.stream)) == len(
+            {shard_of(str(p), shards) for p in range(1, 6)}
+        )
+
+    done = Counter((stream, entry_id) for _, stream, entry_id, _, _ in _books(books))
+    assert all(count == 1 for count in done.values()), "without failures nothing is handled twice"
+    poison = {key for key, (_, serial) in produced.items() if serial % POISON_EVERY == 0}
+    assert set(done) == set(produced) - poison, "every message but the poison ones handled"
+    dead: set[tuple[str, str]] = set()
+    for keys in layout:
+        for _, fields in data.xrange(keys.dead_letter):
+            source = fields["x-streamgroup-stream"]
+            assert source == keys.stream, "dead-lettered in its own shard's dead-letter stream"
+            dead.add((source, fields["x-streamgroup-original-id"]))
+    assert dead == poison
+    assert {consumer for consumer, *_ in _books(books)} == {"consumer-0", "consumer-1", "consumer-2"}
+
+    # A backlog the stopped consumers leave: the reclaimer's gauges show each shard as XINFO does.
+    for consumer in consumers:
+        assert consumer.stop() == 0, consumer.output
+    more = services.start(
+        "producer", PRODUCERS=PRODUCERS, PRODUCER_INTERVAL_MS=5, MAX_MESSAGES=40, LOG_LEVEL="WARNING", **settings
+    )
+    assert more.wait(60) == 0, more.output
+    wait_for(lambda: _gauges_match(reclaimer, data, shards), timeout=30, what="gauges equal to XINFO per shard")
+    if shards > 1:  # round-robin without a partition field: every shard got some
+        assert all(reclaimer.metric("streamgroup_group_lag", shard=keys.shard) > 0 for keys in layout)
+    assert reclaimer.stop() == 0, reclaimer.output
+
+
+@pytest.mark.parametrize("shards", [1, 6])
+def test_end_to_end(services: Services, r: redis.Redis, shards: int) -> None:
+    run_end_to_end(services, r, r, shards)
+
+
+def test_every_shard_series_exists_from_the_start(services: Services) -> None:
+    reclaimer = services.start("reclaimer", name="reclaimer", metrics=True, SHARDS=4)
+    wait_for(
+        lambda: all(reclaimer.metric("streamgroup_group_pending", shard=str(i)) == 0 for i in range(4)),
+        timeout=15,
+        what="a pending gauge per shard",
+    )
+    consumer = services.start("consumer", name="c", metrics=True, SHARDS=4)
+    for i in range(4):
+        assert consumer.metric("streamgroup_messages_processed_total", shard=str(i), outcome="acked") == 0
+    assert consumer.metric("streamgroup_messages_processed_total", shard="4", outcome="acked") is None
+
+
+def test_a_partition_field_the_producer_does_not_write_is_refused(services: Services) -> None:
+    producer = services.start("producer", SHARDS=2, PARTITION_FIELD="customer")
+    assert producer.wait(30) == 2
+    assert "STREAMGROUP_PARTITION_FIELD" in producer.output
