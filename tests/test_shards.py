@@ -8,13 +8,16 @@ on one server (N shards are N keys there) and on a Redis Cluster (tests/cluster)
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections import Counter, defaultdict
 
 import pytest
 import redis
 
 from streamgroup.keys import shard_keys, shard_of
-from support.processes import Services, wait_for
+from support.processes import Services, service_env, wait_for
 
 STREAM, GROUP = "messageStream", "messageGroup"
 PRODUCERS = 5
@@ -153,3 +156,92 @@ def test_a_partition_field_the_producer_does_not_write_is_refused(services: Serv
     producer = services.start("producer", SHARDS=2, PARTITION_FIELD="customer")
     assert producer.wait(30) == 2
     assert "STREAMGROUP_PARTITION_FIELD" in producer.output
+
+
+def _cli(redis_url: str, *args: str, **settings: object) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "streamgroup", *args],
+        env=service_env(redis_url, **settings), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def _dead_letter(r: redis.Redis, keys, entry_id: str, original_id: str, **fields: str) -> None:
+    bookkeeping = {"x-streamgroup-original-id": original_id, "x-streamgroup-stream": keys.stream,
+                   "x-streamgroup-error": "PoisonMessage: no"}  # fmt: skip
+    r.xadd(keys.dead_letter, {**fields, **bookkeeping}, id=entry_id)
+
+
+def test_status_shows_every_shard_and_the_whole(redis_url: str, r: redis.Redis) -> None:
+    layout = shard_keys(STREAM, GROUP, 3)
+    for i, keys in enumerate(layout):
+        for n in range(4 + i):
+            r.xadd(keys.stream, {"n": str(n)})
+        r.xgroup_create(keys.stream, GROUP, id="0")
+    r.xreadgroup(GROUP, "alpha", {layout[0].stream: ">"}, count=2)
+    r.xreadgroup(GROUP, "alpha", {layout[2].stream: ">"}, count=3)
+    r.xreadgroup(GROUP, "beta", {layout[2].stream: ">"}, count=1)
+    _dead_letter(r, layout[1], "1-1", "1-0", order="7")
+
+    result = _cli(redis_url, "status", "--json", SHARDS=3)
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert [s["stream"] for s in status["shards"]] == [keys.stream for keys in layout]
+    for shard, keys in zip(status["shards"], layout, strict=True):
+        info = next(g for g in r.xinfo_groups(keys.stream) if g["name"] == GROUP)
+        assert (shard["lag"], shard["pending"], shard["stream_length"]) == (
+            info["lag"],
+            info["pending"],
+            r.xlen(keys.stream),
+        )
+    assert status["stream"] == STREAM
+    assert (status["stream_length"], status["lag"], status["pending"]) == (4 + 5 + 6, 2 + 5 + 2, 6)
+    assert status["dead_letter_length"] == 1
+    assert status["oldest_pending_age_seconds"] == max(s["oldest_pending_age_seconds"] or 0 for s in status["shards"])
+    assert {c["name"]: c["pending"] for c in status["consumers"]} == {"alpha": 5, "beta": 1}
+
+    table = _cli(redis_url, "status", SHARDS=3)
+    assert table.returncode == 0, table.stderr
+    assert f"stream            {STREAM} (3 shards)" in table.stdout
+    assert "pending           6" in table.stdout
+    for keys in layout:
+        assert any(line.split()[:2] == [keys.shard, keys.stream] for line in table.stdout.splitlines()), table.stdout
+
+    r.delete(layout[1].stream)
+    missing = _cli(redis_url, "status", SHARDS=3)
+    assert missing.returncode == 5
+    assert f"stream '{layout[1].stream}' does not exist" in missing.stderr
+
+
+def test_dead_letters_of_every_shard_replayed_each_into_its_own_shard(redis_url: str, r: redis.Redis) -> None:
+    layout = shard_keys(STREAM, GROUP, 3)
+    _dead_letter(r, layout[0], "5-0", "1-0", order="a")
+    _dead_letter(r, layout[2], "5-0", "1-0", order="c")  # the same id in another shard's dead-letter stream
+    _dead_letter(r, layout[2], "6-0", "2-0", order="d")
+
+    listing = _cli(redis_url, "dead-letters", "list", "--json", SHARDS=3)
+    assert listing.returncode == 0, listing.stderr
+    assert sorted((e["shard"], e["id"]) for e in json.loads(listing.stdout)) == [
+        ("0", "5-0"),
+        ("2", "5-0"),
+        ("2", "6-0"),
+    ]
+
+    ambiguous = _cli(redis_url, "dead-letters", "show", "5-0", SHARDS=3)
+    assert ambiguous.returncode == 2 and "--shard" in ambiguous.stderr
+    shown = _cli(redis_url, "dead-letters", "show", "5-0", "--shard", "2", SHARDS=3)
+    assert shown.returncode == 0, shown.stderr
+    assert "order             c" in shown.stdout
+    assert _cli(redis_url, "dead-letters", "purge", "5-0", "--yes", SHARDS=3).returncode == 2, "ambiguous: nothing done"
+    assert r.xlen(layout[0].dead_letter) == 1
+
+    replay = _cli(redis_url, "dead-letters", "replay", "--all", "--yes", SHARDS=3)
+    assert replay.returncode == 0, replay.stderr
+    assert [fields["order"] for _, fields in r.xrange(layout[0].stream)] == ["a"]
+    assert not r.exists(layout[1].stream)
+    assert [fields["order"] for _, fields in r.xrange(layout[2].stream)] == ["c", "d"]
+    assert all(r.xlen(keys.dead_letter) == 0 for keys in layout)
+
+    _dead_letter(r, layout[1], "7-0", "3-0", order="b")
+    purge = _cli(redis_url, "dead-letters", "purge", "--all", "--yes", SHARDS=3)
+    assert purge.returncode == 0, purge.stderr
+    assert r.xlen(layout[1].dead_letter) == 0
