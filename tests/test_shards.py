@@ -245,3 +245,63 @@ def test_dead_letters_of_every_shard_replayed_each_into_its_own_shard(redis_url:
     purge = _cli(redis_url, "dead-letters", "purge", "--all", "--yes", SHARDS=3)
     assert purge.returncode == 0, purge.stderr
     assert r.xlen(layout[1].dead_letter) == 0
+
+
+def _all_keys(*layouts: int) -> list:
+    seen: dict[str, object] = {}
+    for shards in layouts:
+        for keys in shard_keys(STREAM, GROUP, shards):
+            seen.setdefault(keys.stream, keys)
+    return list(seen.values())
+
+
+def _drained(data: redis.Redis, layout: list) -> bool:
+    for keys in layout:
+        if not data.exists(keys.stream):
+            continue
+        groups = [g for g in data.xinfo_groups(keys.stream) if g["name"] == GROUP]
+        if not groups or groups[0]["pending"] or groups[0]["lag"]:
+            return False
+    return True
+
+
+@pytest.mark.parametrize(("old", "new"), [(2, 3), (2, 1)], ids=["2-to-3", "2-to-1"])
+def test_changing_the_number_of_shards_while_messages_flow_loses_nothing(
+    services: Services, r: redis.Redis, old: int, new: int
+) -> None:
+    """The procedure of docs/reliability.md: consumers and the reclaimer first (new SHARDS, and
+    PREVIOUS_SHARDS=old so the old layout is drained), then the producer; every message of both
+    layouts handled exactly once."""
+    handler = {"HANDLER": "support.handlers:record_sharded", "BATCH_SIZE": 10}
+    reclaimer = services.start("reclaimer", name="reclaimer-old", SHARDS=old, CLAIM_MIN_IDLE_MS=2000, **handler)
+    before = services.start("consumer", name="consumer-old", SHARDS=old, **handler)
+    producing = {"PRODUCERS": 3, "PRODUCER_INTERVAL_MS": 20, "PARTITION_FIELD": "producer", "LOG_LEVEL": "WARNING"}
+    first = services.start("producer", SHARDS=old, MAX_MESSAGES=100_000, **producing)
+    wait_for(lambda: len(_books(r)) >= 60, timeout=60, what="work under the old layout")
+
+    during = {"SHARDS": new, "PREVIOUS_SHARDS": old, "CLAIM_MIN_IDLE_MS": 2000, **handler}
+    after = services.start("consumer", name="consumer-new", **during)
+    assert before.stop() == 0, before.output
+    assert reclaimer.stop() == 0, reclaimer.output
+    reclaimer = services.start("reclaimer", name="reclaimer-new", **during)
+    wait_for(lambda: len(_books(r)) >= 120, timeout=60, what="the old layout read by the new consumer")
+    assert first.stop() == 0, first.output
+    second = services.start("producer", SHARDS=new, MAX_MESSAGES=150, **producing)
+    assert second.wait(60) == 0, second.output
+
+    layout = _all_keys(old, new)
+    wait_for(lambda: _drained(r, layout), timeout=60, what="both layouts drained")
+    produced = {(keys.stream, entry_id) for keys in layout for entry_id, _ in r.xrange(keys.stream)}
+    done = Counter((stream, entry_id) for _, stream, entry_id, _, _ in _books(r))
+    assert set(done) == produced, "every message of both layouts handled"
+    assert all(count == 1 for count in done.values()), "and none twice"
+    new_keys = {keys.stream for keys in shard_keys(STREAM, GROUP, new)}
+    assert any(stream in new_keys and stream not in {k.stream for k in shard_keys(STREAM, GROUP, old)}
+               for stream, _ in produced) or new < old, "the new layout was written to"  # fmt: skip
+    old_only = [keys for keys in shard_keys(STREAM, GROUP, old) if keys.stream not in new_keys]
+    assert all(r.xlen(keys.stream) for keys in old_only), "old-only shards held messages, all handled"
+    assert {consumer for consumer, stream, *_ in _books(r) if stream in {k.stream for k in old_only}} >= {
+        "consumer-new"
+    } or not old_only, "the new consumer drained the old layout"
+    assert after.stop() == 0, after.output
+    assert reclaimer.stop() == 0, reclaimer.output
