@@ -203,6 +203,7 @@ def markdown(report: Report, command: str, date: str, chart_name: str | None) ->
         "io": "IO-bound handler (10 ms sleep): scaling",
         "memory": "Resident memory of the service processes under load",
         "profile": "Where the consumer's time goes (share of py-spy samples, no-op handler, full speed)",
+        "shards": "Sharded streams (STREAMGROUP_SHARDS): end to end, and Redis CPU per message",
     }
     for section, title in titles.items():
         rows = [r for r in report.results if r.section == section]
