@@ -124,6 +124,9 @@ def run_end_to_end(services: Services, data: redis.Redis, books: redis.Redis, sh
     # A backlog the stopped consumers leave: the reclaimer's gauges show each shard as XINFO does.
     for consumer in consumers:
         assert consumer.stop() == 0, consumer.output
+    for keys in layout:  # holding nothing, each left every shard's group at its stop
+        members = {c["name"] for c in data.xinfo_consumers(keys.stream, GROUP)}
+        assert not members & {"consumer-0", "consumer-1", "consumer-2"}, (keys.stream, members)
     more = services.start(
         "producer", PRODUCERS=PRODUCERS, PRODUCER_INTERVAL_MS=5, MAX_MESSAGES=40, LOG_LEVEL="WARNING", **settings
     )
@@ -305,3 +308,29 @@ def test_changing_the_number_of_shards_while_messages_flow_loses_nothing(
     } or not old_only, "the new consumer drained the old layout"
     assert after.stop() == 0, after.output
     assert reclaimer.stop() == 0, reclaimer.output
+
+
+def test_a_failing_shard_stops_the_others_reads_and_all_carry_on(services: Services, r: redis.Redis) -> None:
+    """One shard's group destroyed under a running consumer: that shard's reader fails (NOGROUP),
+    the others finish their batch and stop, the service reconnects and runs every shard again (the
+    lost group recreated after the last entry read there). Nothing is lost, the process stays up."""
+    layout = shard_keys(STREAM, GROUP, 3)
+    consumer = services.start(
+        "consumer", name="consumer-0", HANDLER="support.handlers:record_sharded", BATCH_SIZE=5, SHARDS=3
+    )
+    producer = services.start(
+        "producer", PRODUCERS=3, PRODUCER_INTERVAL_MS=20, MAX_MESSAGES=450, SHARDS=3, LOG_LEVEL="WARNING"
+    )
+    wait_for(lambda: len(_books(r)) >= 100, timeout=60, what="work on every shard")
+    r.xgroup_destroy(layout[1].stream, GROUP)
+    assert producer.wait(60) == 0, producer.output
+
+    def everything_handled() -> bool:
+        produced = {(keys.stream, entry_id) for keys in layout for entry_id, _ in r.xrange(keys.stream)}
+        return len(produced) == 450 and produced <= {(stream, entry_id) for _, stream, entry_id, _, _ in _books(r)}
+
+    wait_for(everything_handled, timeout=90, what="every message of every shard handled")
+    assert consumer.alive(), consumer.output
+    assert "the consumer group vanished" in consumer.output
+    assert '"kind": "nogroup"' in consumer.output, "the failure was waited out as an outage"
+    assert consumer.stop() == 0, consumer.output
