@@ -8,15 +8,20 @@ on one server (N shards are N keys there) and on a Redis Cluster (tests/cluster)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter, defaultdict
 
 import pytest
 import redis
 
 from streamgroup.keys import shard_keys, shard_of
+from streamgroup.message import Message
+from streamgroup.processing import HandlerRunner, Results
 from support.processes import Services, service_env, wait_for
 
 STREAM, GROUP = "messageStream", "messageGroup"
@@ -334,3 +339,45 @@ def test_a_failing_shard_stops_the_others_reads_and_all_carry_on(services: Servi
     assert "the consumer group vanished" in consumer.output
     assert '"kind": "nogroup"' in consumer.output, "the failure was waited out as an outage"
     assert consumer.stop() == 0, consumer.output
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+def test_concurrency_bounds_the_process_over_every_shards_batches(kind: str) -> None:
+    """A consumer handles one batch per shard at once through one runner: the handler calls in
+    flight stay within STREAMGROUP_CONCURRENCY over all of them."""
+    in_flight, most = 0, 0
+    lock = threading.Lock()
+
+    def enter() -> None:
+        nonlocal in_flight, most
+        with lock:
+            in_flight += 1
+            most = max(most, in_flight)
+
+    def leave() -> None:
+        nonlocal in_flight
+        with lock:
+            in_flight -= 1
+
+    async def async_handler(message: Message) -> None:
+        enter()
+        await asyncio.sleep(0.01)
+        leave()
+
+    def sync_handler(message: Message) -> None:
+        enter()
+        time.sleep(0.01)
+        leave()
+
+    runner = HandlerRunner(async_handler if kind == "async" else sync_handler, concurrency=2)
+
+    async def main() -> list[Results]:
+        batches = [[Message(f"{i}-{n}", {"n": str(n)}, f"{{s:{i}}}") for n in range(10)] for i in range(4)]
+        results = [Results() for _ in batches]
+        await asyncio.gather(*(runner.run(batch, result) for batch, result in zip(batches, results, strict=True)))
+        return results
+
+    results = asyncio.run(main())
+    runner.close()
+    assert [len(result.succeeded) for result in results] == [10] * 4
+    assert most == 2, f"{most} handler calls at once with CONCURRENCY=2"

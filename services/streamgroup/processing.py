@@ -140,6 +140,7 @@ class HandlerRunner:
         self._watchdog: asyncio.Future | None = None
         self._abandoned: set[_Lane] = set()
         self._abandoned_lock = threading.Lock()
+        self._slots: asyncio.Semaphore | None = None  # async handlers: calls in flight, over all batches
 
     @property
     def abandoned_threads(self) -> int:
@@ -300,6 +301,15 @@ class HandlerRunner:
             raise
 
     async def _drain_async(self, queue: Iterator[Message], results: Results) -> None:
+        # Several batches may run at once (one per shard, streamgroup.keys.read_shards): each drainer
+        # holds one of `concurrency` slots while it works through its batch, so the calls in flight
+        # stay within STREAMGROUP_CONCURRENCY for the process. (Sync handlers share the pool's threads.)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self._concurrency)
+        async with self._slots:
+            await self._drain_async_holding_a_slot(queue, results)
+
+    async def _drain_async_holding_a_slot(self, queue: Iterator[Message], results: Results) -> None:
         handler, clock = self._handler, time.perf_counter
         for message in queue:
             if not self._taking:
