@@ -19,9 +19,11 @@ from collections import Counter, defaultdict
 import pytest
 import redis
 
-from streamgroup.keys import shard_keys, shard_of
+from streamgroup import acl
+from streamgroup.keys import read_shards, shard_keys, shard_of, written_shards
 from streamgroup.message import Message
 from streamgroup.processing import HandlerRunner, Results
+from streamgroup.settings import Settings
 from support.processes import Services, service_env, wait_for
 
 STREAM, GROUP = "messageStream", "messageGroup"
@@ -381,3 +383,21 @@ def test_concurrency_bounds_the_process_over_every_shards_batches(kind: str) -> 
     runner.close()
     assert [len(result.succeeded) for result in results] == [10] * 4
     assert most == 2, f"{most} handler calls at once with CONCURRENCY=2"
+
+
+@pytest.mark.parametrize(("shards", "previous"), [(1, 0), (4, 0), (2, 1), (1, 3), (3, 2)])
+def test_every_rule_names_exactly_the_keys_its_service_uses(shards: int, previous: int) -> None:
+    """The ACL rules follow streamgroup.keys: every shard read (the old layout too while the number
+    changes) and nothing else; the producer only the shards it writes."""
+    settings = Settings(shards=shards, previous_shards=previous)
+    read, written = read_shards(settings), written_shards(settings)
+
+    def patterns(service: str) -> set[str]:
+        rule = acl.rule(service, shards=shards, previous_shards=previous)
+        return {part.lstrip("%RW~") for part in rule if part.startswith(("~", "%R~"))}
+
+    streams = {keys.stream for keys in read} | {keys.dead_letter for keys in read}
+    assert patterns("consumer") == streams | {"{messageStream}:*:consumer:*"}
+    assert patterns("reclaimer") == patterns("status") == patterns("dead-letters") == streams
+    markers = {f"{keys.stream if shards > 1 else '{messageStream}'}:producer-run:*" for keys in written}
+    assert patterns("producer") == {keys.stream for keys in written} | markers, "never the old layout"

@@ -126,14 +126,14 @@ def rule(
 ) -> list[str]:
     """The ACL SETUSER arguments (after `reset on >PASSWORD`) for one service on one stream: with
     `shards` (STREAMGROUP_SHARDS), every shard's keys, each named exactly; with `previous_shards`
-    (STREAMGROUP_PREVIOUS_SHARDS), those of the layout being drained too."""
+    (STREAMGROUP_PREVIOUS_SHARDS), those of the layout being drained too (not for the producer)."""
     if service not in COMMANDS:
         raise ValueError(f"unknown service {service!r}; one of {', '.join(SERVICES)}")
     for key in (stream, dead_letter or ""):
         if any(char.isspace() for char in key):
             raise ValueError(f"key {key!r} contains white space, which an ACL rule cannot express")
     layout = shard_keys(stream, "", shards, dead_letter)
-    if previous_shards:
+    if previous_shards and service != "producer":  # it writes only the new layout
         names = {keys.stream for keys in layout}
         layout += [keys for keys in shard_keys(stream, "", previous_shards, dead_letter) if keys.stream not in names]
     stream_access, dead_access = KEY_ACCESS[service]
