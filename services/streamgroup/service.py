@@ -145,8 +145,8 @@ async def _main(name: str, settings: Settings, make_worker: Callable[[Service], 
         redis=settings.redis_url_redacted,
         stream=keys.stream,
         group=keys.group,
-        shards=[shard.stream for shard in shards] if len(shards) > 1 else None,
         metrics_port=settings.metrics_port,
+        **({"shards": [shard.stream for shard in shards]} if len(shards) > 1 else {}),
     )
     try:
         code = await _serve(service, worker)
