@@ -203,6 +203,7 @@ def markdown(report: Report, command: str, date: str, chart_name: str | None) ->
         "io": "IO-bound handler (10 ms sleep): scaling",
         "memory": "Resident memory of the service processes under load",
         "profile": "Where the consumer's time goes (share of py-spy samples, no-op handler, full speed)",
+        "shards": "Sharded streams (STREAMGROUP_SHARDS): end to end, and Redis CPU per message",
     }
     for section, title in titles.items():
         rows = [r for r in report.results if r.section == section]
@@ -220,10 +221,23 @@ def markdown(report: Report, command: str, date: str, chart_name: str | None) ->
             out.append(
                 f"| {r.name} | {_fmt(r.value, r.unit)} | {r.unit} | {runs} | {r.messages:,} | {verified} | {r.note} |"
             )
+        if section == "shards":
+            out += ["", SHARDS_NOTE.strip()]
     if any(r.section == "consumer" for r in report.results):
         out += ["", "## What profiling changed", "", CHANGES.strip()]
     out += ["", "## Method", "", METHOD.strip(), ""]
     return "\n".join(out)
+
+
+SHARDS_NOTE = """
+Read these as the cost of sharding, not its gain: every shard here is a key on the one server,
+and one consumer process reads them all (a reader per shard in one event loop), so the server and
+the consumer do the same work in more, smaller calls. What sharding buys is room on more nodes:
+on a Redis Cluster each node serves only its shards, so the per-message server cost above is
+spread over the nodes, and consumers scale with processes, not with one process's shards. The
+bench runs against one server; the nodes line and the per-node CPU figures are where a cluster
+run would show each node's share.
+"""
 
 
 # The consumer's optimisations in the order profiles (py-spy, as in the section above) led to

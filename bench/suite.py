@@ -546,6 +546,13 @@ class Bench:
 
         profile_consumer(self)
 
+    # -- sharded streams
+
+    def shards(self) -> None:
+        from bench.shards import shard_scaling  # it builds on this module
+
+        shard_scaling(self)
+
     def io_run(self, count: int, processes: int, concurrency: int, batch: int) -> float:
         stream, group = self.name("bench:io"), "g-io"
         self.r.xgroup_create(stream, group, id="0", mkstream=True)
@@ -614,6 +621,7 @@ SECTIONS: dict[str, Callable[[Bench], None]] = {
     "latency": Bench.latency,
     "io": Bench.io_scaling,
     "profile": Bench.profile,
+    "shards": Bench.shards,
 }
 
 

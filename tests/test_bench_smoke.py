@@ -62,8 +62,17 @@ def test_bench_quick_runs_every_section_and_writes_the_report(tmp_path: Path) ->
     assert abs(sum(profile.values()) - 100) < 0.01, "every busy sample counted once"
     assert {t["name"] for t in data["targets"]} >= {"consumer / hand-tuned loop", "end-to-end p99 at 5,000 msg/s"}
 
+    shards = [name for section, name in results if section == "shards"]
+    assert shards == [
+        f"{n} shard{'s' if n > 1 else ''}, {what}"
+        for n in (1, 2, 3)
+        for what in ("end to end", "Redis CPU per message (busiest node)")
+    ]
+    assert all(results["shards", name]["messages"] == 2_000 for name in shards)
+
     text = output.read_text()
-    headings = ("## Targets", "## Consumer throughput", "## Producer throughput", "## End-to-end latency", "## Where")
+    headings = ("## Targets", "## Consumer throughput", "## Producer throughput", "## End-to-end latency", "## Where",
+                "## Sharded streams")  # fmt: skip
     for heading in headings:
         assert heading in text
     assert "`python -m bench --quick" in text

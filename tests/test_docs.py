@@ -22,7 +22,7 @@ def test_every_variable_is_in_the_readme() -> None:
 
 def test_every_metric_is_in_the_readme() -> None:
     metrics = Metrics("s", "g", group_level=True)
-    metrics.set_consumers([("c", 1, 1.0)])
+    metrics.set_consumers([("0", "c", 1, 1.0)])
     text = prometheus_client.generate_latest(metrics.registry).decode()
     families = {re.sub(r"_(bucket|count|sum|created)$", "", line.split("{")[0].split(" ")[0])
                 for line in text.splitlines() if line and not line.startswith("#")}  # fmt: skip

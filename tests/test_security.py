@@ -26,6 +26,8 @@ import redis
 from streamgroup import acl
 from streamgroup.devserver import KINDS, DevServer
 from streamgroup.errors import EXIT_CONFIG, EXIT_REDIS_REFUSED
+from streamgroup.keys import shard_keys
+from streamgroup.scripts import SCRIPT_MAX_FIELDS
 from support.accounting import GROUP, STREAM
 from support.processes import ServiceProcess, Services, service_env, wait_for
 from support.security_handlers import Call, calls, kind_of
@@ -400,6 +402,15 @@ ALLOWED = {
         ("XINFO", "CONSUMERS", STREAM, GROUP),
     ],
     "status": [("XLEN", STREAM), ("XINFO", "GROUPS", STREAM), ("XPENDING", STREAM, GROUP)],
+    "dead-letters": [
+        ("XRANGE", DEAD, "-", "+"),
+        ("XREVRANGE", DEAD, "+", "-", "COUNT", "1"),
+        ("XLEN", DEAD),
+        ("XADD", STREAM, "*", "a", "b"),
+        ("XDEL", DEAD, "1-1"),
+        ("XTRIM", DEAD, "MINID", "1-1"),
+        ("EVALSHA", "0" * 40, "2", STREAM, DEAD),
+    ],
 }
 DENIED = {
     "producer": [
@@ -410,6 +421,15 @@ DENIED = {
     "consumer": [("XLEN", DEAD), ("XTRIM", STREAM, "MINID", "1-1"), ("XAUTOCLAIM", STREAM, GROUP, "c", "0", "0")],
     "reclaimer": [("XREADGROUP", "GROUP", GROUP, "c", "STREAMS", STREAM, ">")],
     "status": [("XADD", STREAM, "*", "a", "b"), ("XACK", STREAM, GROUP, "1-1"), ("XGROUP", "CREATE", STREAM, "g", "0")],
+    "dead-letters": [
+        ("XRANGE", STREAM, "-", "+"),  # reads the dead-letter stream only
+        ("XTRIM", STREAM, "MINID", "1-1"),
+        ("XREADGROUP", "GROUP", GROUP, "c", "STREAMS", STREAM, ">"),
+        ("XACK", STREAM, GROUP, "1-1"),
+        ("XGROUP", "CREATE", STREAM, "g", "0"),
+        ("XINFO", "GROUPS", STREAM),
+        ("XPENDING", STREAM, GROUP),
+    ],
 }
 
 
@@ -421,6 +441,81 @@ def test_acl_rule_grants_nothing_more(secured: Guarded, service: str) -> None:
         assert dryrun(*command) == "OK", command
     for command in DENIED_TO_ALL + DENIED[service]:
         assert dryrun(*command) != "OK", f"{service} may run {command}"
+
+
+def _dead_letters(url: str, *args: str, **settings: object) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "streamgroup", "dead-letters", *args],
+        env=service_env(url, **settings), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_dead_letters_command_works_with_exactly_its_acl_rule(secured: Guarded, shards: int) -> None:
+    """list, show, replay (narrow and too wide for the script), purge by id and purge --all, as a
+    user with nothing but the dead-letters rule: every one works, and the ACL LOG stays empty."""
+    secured.setuser("dead-letters", "sg-dead", "pw", shards=shards)
+    url = secured.url("sg-dead", "pw")
+    layout = shard_keys(STREAM, GROUP, shards)
+    wide = [part for n in range(SCRIPT_MAX_FIELDS // 2 + 1) for part in (f"f{n}", "v")]
+    for i, keys in enumerate(layout):
+        for n, flat in enumerate((["order", str(n)] for n in range(3)), start=1):
+            bookkeeping = ["x-streamgroup-stream", keys.stream, "x-streamgroup-error", f"E{i}"]
+            secured.admin.execute_command("XADD", keys.dead_letter, f"{n}-{i + 1}", *flat, *bookkeeping)
+    last = layout[-1]
+    secured.admin.execute_command("XADD", last.dead_letter, "9-9", *wide, "x-streamgroup-stream", last.stream)
+    settings = {"SHARDS": shards}
+    pick = ["--shard", last.shard] if shards > 1 else []
+
+    listing = _dead_letters(url, "list", "--json", **settings)
+    assert listing.returncode == 0, listing.stderr
+    assert len(json.loads(listing.stdout)) == 3 * shards + 1
+    show = _dead_letters(url, "show", f"1-{shards}", *pick, **settings)
+    assert show.returncode == 0, show.stderr
+    replay = _dead_letters(url, "replay", f"2-{shards}", "9-9", *pick, "--yes", **settings)
+    assert replay.returncode == 0, replay.stderr
+    assert secured.admin.xlen(last.stream) == 2, "both replayed into their shard"
+    purge = _dead_letters(url, "purge", f"3-{shards}", *pick, "--yes", **settings)
+    assert purge.returncode == 0, purge.stderr
+    purge_all = _dead_letters(url, "purge", "--all", "--yes", **settings)
+    assert purge_all.returncode == 0, purge_all.stderr
+    assert all(secured.admin.xlen(keys.dead_letter) == 0 for keys in layout)
+    no_permission_errors(listing.stderr, show.stderr, replay.stderr, purge.stderr, purge_all.stderr)
+    assert secured.denials() == [], "the server's ACL LOG recorded a denied command or key"
+
+
+def test_sharded_services_work_with_exactly_their_acl_rules(
+    secured: Guarded, started: Services, tmp_path: Path
+) -> None:
+    """With STREAMGROUP_SHARDS=3 every service's rule names every shard's keys: produce, read,
+    dead-letter in each shard, reclaim, hand off, metrics and status, with no denial."""
+    password = {s: distinctive_password() for s in acl.SERVICES}
+    for service in acl.SERVICES:
+        secured.setuser(service, f"sg-{service}", password[service], shards=3)
+    url = {s: secured.url(f"sg-{s}", password[s]) for s in acl.SERVICES}
+    record = tmp_path / "calls.txt"
+    common = {"SHARDS": 3, "HANDLER": "support.security_handlers:mixed", "TESTHANDLER_RECORD_FILE": record}
+    consumer = started.start("consumer", name="acl-consumer", REDIS_URL=url["consumer"], BLOCK_MS=200, **common)
+    reclaimer = started.start(
+        "reclaimer", name="acl-reclaimer", metrics=True, REDIS_URL=url["reclaimer"], CLAIM_MIN_IDLE_MS=900,
+        RECLAIM_INTERVAL_MS=200, MAX_DELIVERIES=2, RETENTION_ENABLED="true", **common,
+    )  # fmt: skip
+    producer = started.start(
+        "producer", name="acl-producer", REDIS_URL=url["producer"], PRODUCER_INTERVAL_MS=0, MAX_MESSAGES=30, SHARDS=3
+    )
+    assert producer.wait(30) == 0, producer.output
+    layout = shard_keys(STREAM, GROUP, 3)
+    good = {s for s in range(1, 31) if kind_of(s) in ("ok", "slow", "fail-first")}
+    wait_for(lambda: succeeded(record) >= good, timeout=30, what="every good message handled")
+    dead_letters = lambda: sum(secured.admin.xlen(keys.dead_letter) for keys in layout)  # noqa: E731
+    wait_for(lambda: dead_letters() == 12, timeout=30, what="12 dead letters")
+    assert all(secured.admin.xlen(keys.dead_letter) for keys in layout), "round-robin: poison in every shard"
+    status = run_status(url["status"], SHARDS=3)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["dead_letter_length"] == 12
+    stop(consumer, reclaimer)
+    no_permission_errors(consumer.output, reclaimer.output, producer.output, status.stderr)
+    assert secured.denials() == [], "the server's ACL LOG recorded a denied command or key"
 
 
 def test_rules_escape_glob_characters_in_key_names() -> None:

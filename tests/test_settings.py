@@ -52,6 +52,14 @@ def _run(kind: str, **settings: object) -> subprocess.CompletedProcess:
             "/nonexistent",
             "STREAMGROUP_REDIS_PASSWORD_FILE: Path does not point to a file",
         ),
+        ("STREAMGROUP_SHARDS", "0", "STREAMGROUP_SHARDS: Input should be greater than or equal to 1"),
+        ("STREAMGROUP_SHARDS", "2000", "STREAMGROUP_SHARDS: Input should be less than or equal to 1024"),
+        (
+            "STREAMGROUP_PREVIOUS_SHARDS",
+            "-1",
+            "STREAMGROUP_PREVIOUS_SHARDS: Input should be greater than or equal to 0",
+        ),
+        ("STREAMGROUP_PARTITION_FIELD", "", "STREAMGROUP_PARTITION_FIELD: String should have at least 1 character"),
     ],
 )
 def test_bad_variable_exits_2_naming_it(kind: str, variable: str, value: str, expected: str) -> None:

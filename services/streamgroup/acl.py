@@ -8,15 +8,16 @@ the same rule by the server, so they are listed too.
     from streamgroup import acl
     acl.render("consumer")                        # the rule for the default stream, as one line
     acl.setuser_args("consumer", "sg-consumer", password, stream="orders")
+    acl.render("consumer", shards=3)              # every shard's keys (STREAMGROUP_SHARDS=3)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from streamgroup.keys import PRODUCER_RUN_INFIX, slot_prefix
+from streamgroup.keys import PRODUCER_RUN_INFIX, shard_keys, slot_prefix
 
-SERVICES = ("producer", "consumer", "reclaimer", "status")
+SERVICES = ("producer", "consumer", "reclaimer", "status", "dead-letters")
 
 # Every connection: PING (redis-py's health check on idle connections) and INFO (the server-version
 # gate at connect). AUTH and HELLO need no grant.
@@ -70,11 +71,30 @@ COMMANDS: Mapping[str, tuple[str, ...]] = {
     ),
     # `streamgroup status`, or any monitoring that only reads.
     "status": ("+xlen", "+xinfo|groups", "+xinfo|consumers", "+xpending"),
+    # `streamgroup dead-letters` (streamgroup.deadletters): list, show, replay, purge. Reading and
+    # deleting only on the dead-letter streams: see DEAD_LETTER_ONLY.
+    "dead-letters": (
+        "+xadd",  # replay: into the source stream (inside the script, or direct for too wide an entry)
+        "+evalsha",  # the replay script ...
+        "+script|load",  # ... loaded once per server when EVALSHA answers NOSCRIPT
+        "+script|exists",  # redis-py asks before sending a pipeline of scripts (replay sends 500 at a time)
+    ),
 }
 
-# Commands allowed on the dead-letter stream only (an ACL selector): the wide-entry dead-letter
-# script deletes the copy it just added when the caller turns out not to own the entry any more.
-DEAD_LETTER_ONLY: Mapping[str, tuple[str, ...]] = {"consumer": ("+xdel",), "reclaimer": ("+xdel",)}
+# Commands allowed on the dead-letter stream(s) only (an ACL selector): the wide-entry dead-letter
+# script deletes the copy it just added when the caller turns out not to own the entry any more;
+# the dead-letters command reads, replays and purges there and nowhere else.
+DEAD_LETTER_ONLY: Mapping[str, tuple[str, ...]] = {
+    "consumer": ("+xdel",),
+    "reclaimer": ("+xdel",),
+    "dead-letters": (
+        "+xrange",  # list and show; inside the replay script
+        "+xrevrange",  # purge --all: the newest entry when asking
+        "+xlen",  # purge --all: how many, for the question
+        "+xdel",  # replay (inside the script) and purge by id
+        "+xtrim",  # purge --all: MINID up to the newest entry seen when asking
+    ),
+}
 
 # Key permissions per service: for the stream and for its dead-letter stream.
 KEY_ACCESS: Mapping[str, tuple[str, str | None]] = {
@@ -82,6 +102,7 @@ KEY_ACCESS: Mapping[str, tuple[str, str | None]] = {
     "consumer": ("~", "~"),  # the dead-letter script declares both keys; EVALSHA needs read and write on them
     "reclaimer": ("~", "~"),  # adds to the dead-letter stream and measures it (XLEN)
     "status": ("%R~", "%R~"),
+    "dead-letters": ("~", "~"),  # the replay script declares both: EVALSHA needs read and write on them
 }
 
 # Keys of the consumer-name lease (StreamKeys.consumer_name_lease), for any group and name.
@@ -100,34 +121,45 @@ def rule(
     stream: str = "messageStream",
     dead_letter: str | None = None,
     client_setinfo: bool = True,
+    shards: int = 1,
+    previous_shards: int = 0,
 ) -> list[str]:
-    """The ACL SETUSER arguments (after `reset on >PASSWORD`) for one service on one stream."""
+    """The ACL SETUSER arguments (after `reset on >PASSWORD`) for one service on one stream: with
+    `shards` (STREAMGROUP_SHARDS), every shard's keys, each named exactly; with `previous_shards`
+    (STREAMGROUP_PREVIOUS_SHARDS), those of the layout being drained too (not for the producer)."""
     if service not in COMMANDS:
         raise ValueError(f"unknown service {service!r}; one of {', '.join(SERVICES)}")
     for key in (stream, dead_letter or ""):
         if any(char.isspace() for char in key):
             raise ValueError(f"key {key!r} contains white space, which an ACL rule cannot express")
+    layout = shard_keys(stream, "", shards, dead_letter)
+    if previous_shards and service != "producer":  # it writes only the new layout
+        names = {keys.stream for keys in layout}
+        layout += [keys for keys in shard_keys(stream, "", previous_shards, dead_letter) if keys.stream not in names]
     stream_access, dead_access = KEY_ACCESS[service]
-    keys = [stream_access + escape_key_pattern(stream)]
-    if service == "producer":
-        keys.append("~" + escape_key_pattern(slot_prefix(stream) + PRODUCER_RUN_INFIX) + "*")
-    if dead_access is not None:
-        keys.append(dead_access + escape_key_pattern(dead_letter or f"{stream}:dead"))
+    keys = []
+    for shard in layout:
+        keys.append(stream_access + escape_key_pattern(shard.stream))
+        if service == "producer":
+            keys.append("~" + escape_key_pattern(slot_prefix(shard.stream) + PRODUCER_RUN_INFIX) + "*")
+        if dead_access is not None:
+            keys.append(dead_access + escape_key_pattern(shard.dead_letter))
     if service in NAME_LEASE_ACCESS:
+        # One lease per process, on the logical stream's key whatever the number of shards.
         keys.append(NAME_LEASE_ACCESS[service] + escape_key_pattern(slot_prefix(stream)) + ":*:consumer:*")
     commands = [*CONNECTION, *([CLIENT_SETINFO] if client_setinfo else []), *COMMANDS[service]]
     seen: set[str] = set()
     commands = [c for c in commands if not (c in seen or seen.add(c))]
     selectors = []
     if service in DEAD_LETTER_ONLY:
-        dead_key = escape_key_pattern(dead_letter or f"{stream}:dead")
-        selectors.append(f"({' '.join(DEAD_LETTER_ONLY[service])} ~{dead_key})")
+        dead_keys = " ".join("~" + escape_key_pattern(shard.dead_letter) for shard in layout)
+        selectors.append(f"({' '.join(DEAD_LETTER_ONLY[service])} {dead_keys})")
     return ["resetchannels", *keys, "-@all", *commands, *selectors]
 
 
-def render(service: str, stream: str = "messageStream", dead_letter: str | None = None) -> str:
+def render(service: str, stream: str = "messageStream", dead_letter: str | None = None, shards: int = 1) -> str:
     """One line, as in docs/security.md (for Redis 7.0, drop +client|setinfo)."""
-    return " ".join(rule(service, stream, dead_letter))
+    return " ".join(rule(service, stream, dead_letter, shards=shards))
 
 
 def setuser_args(
@@ -137,9 +169,14 @@ def setuser_args(
     stream: str = "messageStream",
     dead_letter: str | None = None,
     client_setinfo: bool = True,
+    shards: int = 1,
+    previous_shards: int = 0,
 ) -> list[str]:
     """The whole command, ready for client.execute_command(*args)."""
-    return ["ACL", "SETUSER", user, "reset", "on", f">{password}", *rule(service, stream, dead_letter, client_setinfo)]
+    return [
+        "ACL", "SETUSER", user, "reset", "on", f">{password}",
+        *rule(service, stream, dead_letter, client_setinfo, shards, previous_shards),
+    ]  # fmt: skip
 
 
 def server_knows_client_setinfo(info: Mapping[str, object]) -> bool:

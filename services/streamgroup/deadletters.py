@@ -175,6 +175,7 @@ async def select(
 class Replayer:
     def __init__(self, client: aioredis.Redis, dead_letter_key: str, default_stream: str) -> None:
         self._client, self._dead_letter_key, self._default_stream = client, dead_letter_key, default_stream
+        self.dead_letter_key = dead_letter_key
         self._script = client.register_script(REPLAY)
 
     def target(self, entry: DeadLetter) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from streamgroup import groupstats
 from streamgroup.connection import create_client
 from streamgroup.devserver import DevServer, free_port
-from streamgroup.keys import StreamKeys
+from streamgroup.keys import read_shards
 from streamgroup.settings import load_settings
 
 CONSUMERS = 3
@@ -55,11 +55,13 @@ async def _totals(env: dict[str, str]) -> Totals:
     settings = load_settings()
     client = create_client(settings)
     try:
-        stats = await groupstats.collect(client, StreamKeys.from_settings(settings))
-        info = await client.xinfo_stream(settings.stream) if stats.group_exists else {}
+        shards = read_shards(settings)  # with STREAMGROUP_SHARDS, all of them added up
+        each = [await groupstats.collect(client, keys) for keys in shards]
+        stats = groupstats.combine(settings.stream, settings.group, each)
+        infos = [await client.xinfo_stream(k.stream) for k in shards] if stats.group_exists else []
     finally:
         await client.aclose()
-    produced = int(info.get("entries-added", stats.stream_length))
+    produced = sum(int(info["entries-added"]) for info in infos) if infos else stats.stream_length
     # Read by the group and no longer pending: acknowledged, or moved to the dead-letter stream.
     processed = (stats.entries_read or 0) - stats.pending
     return Totals(produced, processed, stats.pending, stats.lag, stats.dead_letter_length)

@@ -35,6 +35,7 @@ class GroupStats:
     oldest_pending_idle_seconds: float = 0.0  # see oldest_pending_idle for its bound
     consumers: list[ConsumerStats] = field(default_factory=list)
     stream_exists: bool = True
+    shard: str = "0"  # see StreamKeys.shard
 
     def active_consumers(self, within_seconds: float, besides: str = "") -> int:
         """Consumers seen within the last `within_seconds`, not counting `besides` (the reclaimer)."""
@@ -98,6 +99,7 @@ async def collect(
             entries_read=None,
             dead_letter_length=dead_letter_length,
             stream_exists=stream_exists,
+            shard=keys.shard,
         )
 
     async with client.pipeline(transaction=False) as pipe:
@@ -123,4 +125,42 @@ async def collect(
         consumers=[
             ConsumerStats(_text(c["name"]) or "", int(c["pending"]), int(c["idle"]) / 1000.0) for c in consumers
         ],
+        shard=keys.shard,
+    )
+
+
+def combine(stream: str, group: str, shards: list[GroupStats]) -> GroupStats:
+    """One logical stream's view over its shards: lengths, lag and pending summed (lag unknown
+    if any shard's is), the oldest pending entry the oldest of all (its ID is then the shard's,
+    see the per-shard rows), consumers merged by name (pending summed, idle the least)."""
+    if len(shards) == 1:
+        return shards[0]
+    oldest = max(shards, key=lambda s: (s.pending > 0, s.oldest_pending_age_seconds))
+    consumers: dict[str, ConsumerStats] = {}
+    for stats in shards:
+        for c in stats.consumers:
+            seen = consumers.get(c.name)
+            consumers[c.name] = (
+                c
+                if seen is None
+                else ConsumerStats(c.name, seen.pending + c.pending, min(seen.idle_seconds, c.idle_seconds))
+            )
+    lags = [s.lag for s in shards]
+    reads = [s.entries_read for s in shards if s.group_exists]
+    return GroupStats(
+        stream=stream,
+        group=group,
+        stream_length=sum(s.stream_length for s in shards),
+        group_exists=all(s.group_exists for s in shards),
+        lag=None if any(lag is None for lag in lags) else sum(lags),
+        pending=sum(s.pending for s in shards),
+        oldest_pending_id=oldest.oldest_pending_id if oldest.pending else None,
+        oldest_pending_age_seconds=max(s.oldest_pending_age_seconds for s in shards),
+        last_delivered_id=None,  # IDs of different streams do not compare
+        entries_read=None if any(r is None for r in reads) else sum(reads),
+        dead_letter_length=sum(s.dead_letter_length for s in shards),
+        oldest_pending_idle_seconds=max(s.oldest_pending_idle_seconds for s in shards),
+        consumers=sorted(consumers.values(), key=lambda c: c.name),
+        stream_exists=any(s.stream_exists for s in shards),
+        shard="",
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from streamgroup.settings import Settings
 
@@ -15,6 +15,8 @@ class StreamKeys:
     stream: str
     group: str
     dead_letter: str
+    # The value of the metrics' `shard` label: the shard's place among the shards a process reads.
+    shard: str = "0"
 
     def producer_run(self, run: str) -> str:
         """A producer run's marker: the last batch number of that run the stream holds. In the
@@ -50,8 +52,7 @@ def slot_prefix(key: str) -> str:
     return "{" + key + "}"
 
 
-# Sharded streams (issue 10). Pure functions, not used by the services yet: there is no
-# STREAMGROUP_SHARDS setting until a service reads and writes shards.
+# Sharded streams (STREAMGROUP_SHARDS).
 
 
 def shard_keys(stream: str, group: str, shards: int, dead_letter_stream: str | None = None) -> list[StreamKeys]:
@@ -69,7 +70,26 @@ def shard_keys(stream: str, group: str, shards: int, dead_letter_stream: str | N
         return [StreamKeys(stream, group, dead_letter_stream or f"{stream}:dead")]
     base = _untagged(stream)
     suffix = _untagged(dead_letter_stream) if dead_letter_stream else "dead"
-    return [StreamKeys(f"{{{base}:{i}}}", group, f"{{{base}:{i}}}:{suffix}") for i in range(shards)]
+    return [StreamKeys(f"{{{base}:{i}}}", group, f"{{{base}:{i}}}:{suffix}", str(i)) for i in range(shards)]
+
+
+def written_shards(settings: Settings) -> list[StreamKeys]:
+    """The shards the producer writes to: STREAMGROUP_SHARDS of them."""
+    return shard_keys(settings.stream, settings.group, settings.shards, settings.dead_letter_stream)
+
+
+def read_shards(settings: Settings) -> list[StreamKeys]:
+    """The shards consumers and the reclaimer read: those written to, then, while the number of
+    shards changes (STREAMGROUP_PREVIOUS_SHARDS), the old layout's shards that are not among them,
+    so that what they still hold is handled. A shard's label is its place in this list: with no
+    change under way, its index."""
+    current = written_shards(settings)
+    if not settings.previous_shards:
+        return current
+    names = {keys.stream for keys in current}
+    previous = shard_keys(settings.stream, settings.group, settings.previous_shards, settings.dead_letter_stream)
+    extra = [keys for keys in previous if keys.stream not in names]
+    return current + [replace(keys, shard=str(len(current) + i)) for i, keys in enumerate(extra)]
 
 
 def _untagged(name: str) -> str:

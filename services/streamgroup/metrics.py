@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -63,17 +64,39 @@ class BatchHistogram(Collector):
         yield family
 
 
+@dataclass(frozen=True, slots=True)
+class ShardWork:
+    """The work counters of one shard, resolved once: a hot path only calls inc()."""
+
+    processed: dict[str, Counter]  # by outcome
+    dead_lettered: Counter
+    reclaimed: Counter
+    consumers_deleted: Counter
+    trimmed: Counter
+
+
 class Metrics:
     """Every metric of one process, on its own registry (tests make a fresh one each).
 
     Only the reclaimer exports the group-level gauges (group_level=True): one exporter per group,
     so a sum over pods never counts the backlog twice. Elsewhere they exist but are not registered.
+
+    Counters of work and group gauges carry a `shard` label: the shard's index ("0" with one shard,
+    see streamgroup.keys.read_shards), so there are as many series as shards, all created at start.
     """
 
-    def __init__(self, stream: str, group: str, group_level: bool = False, registry: CollectorRegistry | None = None):
+    def __init__(
+        self,
+        stream: str,
+        group: str,
+        group_level: bool = False,
+        registry: CollectorRegistry | None = None,
+        shards: Sequence[str] = ("0",),
+    ):
         self.registry = registry or CollectorRegistry()
         work, groups = self.registry, self.registry if group_level else None
         sg = ["stream", "group"]
+        sgs = [*sg, "shard"]
 
         def counter(name: str, doc: str, labels: list[str], registry: CollectorRegistry | None = work) -> Counter:
             return Counter(f"{PREFIX}_{name}", doc, labels, registry=registry)
@@ -93,11 +116,8 @@ class Metrics:
         self.produced = counter("messages_produced", "Messages Redis accepted from the producer", ["stream"]).labels(
             stream
         )
-        processed = counter("messages_processed", "Messages handled, by outcome", [*sg, "outcome"])
-        self.processed = {outcome: processed.labels(stream, group, outcome) for outcome in OUTCOMES}
-        self.dead_lettered = counter("messages_dead_lettered", "Entries moved to the dead-letter stream", sg).labels(
-            stream, group
-        )
+        processed = counter("messages_processed", "Messages handled, by outcome", [*sgs, "outcome"])
+        dead_lettered = counter("messages_dead_lettered", "Entries moved to the dead-letter stream", sgs)
         self.handler_timeouts = counter(
             "handler_timeouts", "Handler calls that ran past STREAMGROUP_HANDLER_TIMEOUT_MS and were given up", sg
         ).labels(stream, group)
@@ -112,46 +132,55 @@ class Metrics:
         work.register(self.end_to_end_seconds)
 
         # The reclaimer's own work.
-        self.reclaimed = counter(
-            "messages_reclaimed", "Pending entries taken over from idle consumers", sg, groups
-        ).labels(stream, group)
-        self.consumers_deleted = counter(
-            "consumers_deleted", "Idle consumers holding nothing that were removed from the group", sg, groups
-        ).labels(stream, group)
-        self.trimmed = counter(
-            "entries_trimmed", "Entries trimmed after every group acknowledged them", ["stream"], groups
-        ).labels(stream)
+        reclaimed = counter("messages_reclaimed", "Pending entries taken over from idle consumers", sgs, groups)
+        consumers_deleted = counter(
+            "consumers_deleted", "Idle consumers holding nothing that were removed from the group", sgs, groups
+        )
+        trimmed = counter(
+            "entries_trimmed", "Entries trimmed after every group acknowledged them", ["stream", "shard"], groups
+        )
+        self.shards = tuple(shards)
+        self.work = {
+            shard: ShardWork(
+                processed={outcome: processed.labels(stream, group, shard, outcome) for outcome in OUTCOMES},
+                dead_lettered=dead_lettered.labels(stream, group, shard),
+                reclaimed=reclaimed.labels(stream, group, shard),
+                consumers_deleted=consumers_deleted.labels(stream, group, shard),
+                trimmed=trimmed.labels(stream, shard),
+            )
+            for shard in self.shards
+        }
 
         # Group level, from XINFO / XPENDING / XLEN. Absent (not stale) while they cannot be
         # collected: hide_group() clears them, export_group() brings them back.
-        self._stream_length = gauge("stream_length", "Entries in the stream (XLEN)", ["stream"])
+        self._stream_length = gauge("stream_length", "Entries in the stream (XLEN)", ["stream", "shard"])
         self._dead_letter_length = gauge(
-            "dead_letter_length", "Entries in the dead-letter stream of this stream", ["stream"]
+            "dead_letter_length", "Entries in the dead-letter stream of this stream", ["stream", "shard"]
         )
         self._group_lag = gauge(
-            "group_lag", "Entries not yet delivered to the group (XINFO GROUPS lag); NaN when unknown", sg
+            "group_lag", "Entries not yet delivered to the group (XINFO GROUPS lag); NaN when unknown", sgs
         )
         self._group_lag_known = gauge(
-            "group_lag_known", "1 when Redis knows the group's lag, 0 when it reports it as unknown", sg
+            "group_lag_known", "1 when Redis knows the group's lag, 0 when it reports it as unknown", sgs
         )
-        self._group_pending = gauge("group_pending", "Entries delivered and not acknowledged (XPENDING)", sg)
+        self._group_pending = gauge("group_pending", "Entries delivered and not acknowledged (XPENDING)", sgs)
         self._oldest_pending_age = gauge(
             "group_oldest_pending_age_seconds",
             "Time since the oldest pending entry was added (from its ID), not how long it has been pending",
-            sg,
+            sgs,
         )
         self._oldest_pending_idle = gauge(
             "group_oldest_pending_idle_seconds",
             "Largest time since last delivery among pending entries (XPENDING idle); compare with the claim window",
-            sg,
+            sgs,
         )
-        self._group_consumers = gauge("group_consumers", "Consumers registered in the group", sg)
+        self._group_consumers = gauge("group_consumers", "Consumers registered in the group", sgs)
         self._group_consumers_active = gauge(
-            "group_consumers_active", "Consumers other than the reclaimer that interacted with the group recently", sg
+            "group_consumers_active", "Consumers other than the reclaimer that interacted with the group recently", sgs
         )
-        self.consumer_pending = gauge("consumer_pending", "Pending entries per consumer", [*sg, "consumer"])
+        self.consumer_pending = gauge("consumer_pending", "Pending entries per consumer", [*sgs, "consumer"])
         self.consumer_idle = gauge(
-            "consumer_idle_seconds", "Seconds since the consumer's last interaction", [*sg, "consumer"]
+            "consumer_idle_seconds", "Seconds since the consumer's last interaction", [*sgs, "consumer"]
         )
         self._stream_gauges = (self._stream_length, self._dead_letter_length)
         self._group_gauges = (
@@ -161,10 +190,12 @@ class Metrics:
         self._stream = stream
         self._labels = (stream, group)
 
-        self.export_group_values()
+        for shard in self.shards:
+            self.export_group_values(shard)
 
     def export_group_values(
         self,
+        shard: str = "0",
         stream_length: float = 0,
         dead_letter_length: float = 0,
         lag: float | None = None,
@@ -174,40 +205,45 @@ class Metrics:
         consumers: float = 0,
         consumers_active: float = 0,
     ) -> None:
-        self._stream_length.labels(self._stream).set(stream_length)
-        self._dead_letter_length.labels(self._stream).set(dead_letter_length)
-        sg = self._labels
-        self._group_lag_known.labels(*sg).set(0 if lag is None else 1)
-        self._group_lag.labels(*sg).set(float("nan") if lag is None else lag)
-        self._group_pending.labels(*sg).set(pending)
-        self._oldest_pending_age.labels(*sg).set(oldest_pending_age_seconds)
-        self._oldest_pending_idle.labels(*sg).set(oldest_pending_idle_seconds)
-        self._group_consumers.labels(*sg).set(consumers)
-        self._group_consumers_active.labels(*sg).set(consumers_active)
+        self._stream_length.labels(self._stream, shard).set(stream_length)
+        self._dead_letter_length.labels(self._stream, shard).set(dead_letter_length)
+        sgs = (*self._labels, shard)
+        self._group_lag_known.labels(*sgs).set(0 if lag is None else 1)
+        self._group_lag.labels(*sgs).set(float("nan") if lag is None else lag)
+        self._group_pending.labels(*sgs).set(pending)
+        self._oldest_pending_age.labels(*sgs).set(oldest_pending_age_seconds)
+        self._oldest_pending_idle.labels(*sgs).set(oldest_pending_idle_seconds)
+        self._group_consumers.labels(*sgs).set(consumers)
+        self._group_consumers_active.labels(*sgs).set(consumers_active)
 
-    def export_group(self, stats: GroupStats, active_within_seconds: float, besides: str) -> None:
-        """Export a snapshot of the stream and group (only the reclaimer does)."""
-        self.export_group_values(
-            stream_length=stats.stream_length,
-            dead_letter_length=stats.dead_letter_length,
-            lag=stats.lag,
-            pending=stats.pending,
-            oldest_pending_age_seconds=stats.oldest_pending_age_seconds,
-            oldest_pending_idle_seconds=stats.oldest_pending_idle_seconds,
-            consumers=len(stats.consumers),
-            consumers_active=stats.active_consumers(active_within_seconds, besides=besides),
+    def export_group(self, by_shard: Mapping[str, GroupStats], active_within_seconds: float, besides: str) -> None:
+        """Export a snapshot of every shard's stream and group (only the reclaimer does)."""
+        for shard, stats in by_shard.items():
+            self.export_group_values(
+                shard,
+                stream_length=stats.stream_length,
+                dead_letter_length=stats.dead_letter_length,
+                lag=stats.lag,
+                pending=stats.pending,
+                oldest_pending_age_seconds=stats.oldest_pending_age_seconds,
+                oldest_pending_idle_seconds=stats.oldest_pending_idle_seconds,
+                consumers=len(stats.consumers),
+                consumers_active=stats.active_consumers(active_within_seconds, besides=besides),
+            )
+        self.set_consumers(
+            (shard, c.name, c.pending, c.idle_seconds) for shard, stats in by_shard.items() for c in stats.consumers
         )
-        self.set_consumers((c.name, c.pending, c.idle_seconds) for c in stats.consumers)
 
     def hide_group(self) -> None:
         """Stop exporting the stream and group gauges: a value we cannot refresh is not shown."""
         for gauge in (*self._stream_gauges, *self._group_gauges, self.consumer_pending, self.consumer_idle):
             gauge.clear()
 
-    def set_consumers(self, consumers: Iterable[tuple[str, int, float]]) -> None:
-        """Replace the per-consumer series, so consumers that left the group stop being exported."""
+    def set_consumers(self, consumers: Iterable[tuple[str, str, int, float]]) -> None:
+        """Replace the per-consumer series (shard, name, pending, idle), so consumers that left the
+        group stop being exported."""
         self.consumer_pending.clear()
         self.consumer_idle.clear()
-        for name, pending, idle_seconds in consumers:
-            self.consumer_pending.labels(*self._labels, name).set(pending)
-            self.consumer_idle.labels(*self._labels, name).set(idle_seconds)
+        for shard, name, pending, idle_seconds in consumers:
+            self.consumer_pending.labels(*self._labels, shard, name).set(pending)
+            self.consumer_idle.labels(*self._labels, shard, name).set(idle_seconds)

@@ -140,6 +140,7 @@ class HandlerRunner:
         self._watchdog: asyncio.Future | None = None
         self._abandoned: set[_Lane] = set()
         self._abandoned_lock = threading.Lock()
+        self._slots: asyncio.Semaphore | None = None  # async handlers: calls in flight, over all batches
 
     @property
     def abandoned_threads(self) -> int:
@@ -300,6 +301,15 @@ class HandlerRunner:
             raise
 
     async def _drain_async(self, queue: Iterator[Message], results: Results) -> None:
+        # Several batches may run at once (one per shard, streamgroup.keys.read_shards): each drainer
+        # holds one of `concurrency` slots while it works through its batch, so the calls in flight
+        # stay within STREAMGROUP_CONCURRENCY for the process. (Sync handlers share the pool's threads.)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self._concurrency)
+        async with self._slots:
+            await self._drain_async_holding_a_slot(queue, results)
+
+    async def _drain_async_holding_a_slot(self, queue: Iterator[Message], results: Results) -> None:
         handler, clock = self._handler, time.perf_counter
         for message in queue:
             if not self._taking:
@@ -339,16 +349,25 @@ class MessageWorker:
         metrics: Metrics,
     ) -> None:
         self._client, self._keys, self._consumer = client, keys, consumer
+        self.keys = keys
         self.runner = runner
         self.scripts = Scripts(client, keys)
         self._max_deliveries = settings.max_deliveries
         # Renewed three times per claim window: two renewals may be late before the reclaimer may act.
         self.lease_seconds = settings.claim_min_idle_ms / 1000.0 / 3
         self._metrics = metrics
+        self.work = metrics.work[keys.shard]
         self._failure_log = FailureLog()
 
     @classmethod
     def for_service(cls, service: Service) -> MessageWorker:
+        """The worker of the first (with one shard: the only) shard."""
+        return cls.for_shards(service)[0]
+
+    @classmethod
+    def for_shards(cls, service: Service) -> list[MessageWorker]:
+        """One worker per shard the service reads, all calling the handler through one runner, so
+        STREAMGROUP_CONCURRENCY bounds the whole process."""
         settings = service.settings
         metrics = service.metrics
         runner = HandlerRunner(
@@ -358,7 +377,10 @@ class MessageWorker:
             on_timeout=metrics.handler_timeouts.inc,
         )
         service.add_liveness_check(lambda: not runner.wedged)
-        return cls(service.client, service.keys, settings.consumer_name, runner, settings, metrics)
+        return [
+            cls(service.client, keys, settings.consumer_name, runner, settings, metrics)
+            for keys in service.shards or [service.keys]
+        ]
 
     async def handle(
         self,
@@ -449,7 +471,7 @@ class MessageWorker:
                 reason = f"{type(exc).__name__}: {exc}"
                 rejected.append((RawEntry(message.id, sent[message.id], message.deliveries), reason))
             else:
-                self._metrics.processed["failed"].inc()
+                self.work.processed["failed"].inc()
         return rejected
 
     async def _dead_letter(self, rejected: list[tuple[RawEntry, str]]) -> None:
@@ -460,8 +482,8 @@ class MessageWorker:
                 for entry, reason in rejected
             ],
         )
-        self._metrics.dead_lettered.inc(len(moved))
-        self._metrics.processed["dead_lettered"].inc(len(moved))
+        self.work.dead_lettered.inc(len(moved))
+        self.work.processed["dead_lettered"].inc(len(moved))
         for entry, reason in rejected:
             if entry.id in moved:
                 log.warning(
@@ -483,7 +505,7 @@ class MessageWorker:
         not count again); the end-to-end latency of `ids` runs to `sent_at`, when the XACK left."""
         if not ids:
             return
-        self._metrics.processed["acked"].inc(len(ids) if acknowledged is None else acknowledged)
+        self.work.processed["acked"].inc(len(ids) if acknowledged is None else acknowledged)
         now = time.time() if sent_at is None else sent_at
         # One observation per distinct millisecond, not per entry: the IDs are split and counted
         # in C (map/Counter), which takes a quarter of the time of parsing every ID in Python.

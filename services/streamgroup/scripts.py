@@ -193,6 +193,7 @@ class Scripts:
 
     def __init__(self, client: aioredis.Redis, keys: StreamKeys) -> None:
         self._client, self._keys = client, keys
+        self.keys = keys
         self._renew = client.register_script(RENEW_LEASE)
         self._release = client.register_script(RELEASE_OR_LEAVE)
         self._delete = client.register_script(DELETE_IF_IDLE)

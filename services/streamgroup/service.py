@@ -23,7 +23,7 @@ from streamgroup.backoff import Backoff
 from streamgroup.connection import check_server, create_client
 from streamgroup.errors import EXIT_OK, ConfigError, RedisRefusedError
 from streamgroup.health import start_http_server
-from streamgroup.keys import StreamKeys
+from streamgroup.keys import StreamKeys, read_shards
 from streamgroup.logs import configure_logging, get_logger
 from streamgroup.metrics import Metrics
 from streamgroup.redis_errors import classify, is_outage, refusal_text
@@ -43,6 +43,9 @@ class Service:
     keys: StreamKeys
     metrics: Metrics
     client: aioredis.Redis
+    # The stream keys of every shard this process reads (streamgroup.keys.read_shards); with one
+    # shard, just `keys`.
+    shards: list[StreamKeys] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     grace_expired: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     ready: bool = False
@@ -122,8 +125,9 @@ def _exit(code: int) -> NoReturn:
 
 async def _main(name: str, settings: Settings, make_worker: Callable[[Service], Worker], group_metrics: bool) -> int:
     keys = StreamKeys.from_settings(settings)
-    metrics = Metrics(keys.stream, keys.group, group_level=group_metrics)
-    service = Service(name, settings, keys, metrics, create_client(settings))
+    shards = read_shards(settings)
+    metrics = Metrics(keys.stream, keys.group, group_level=group_metrics, shards=[shard.shard for shard in shards])
+    service = Service(name, settings, keys, metrics, create_client(settings), shards=shards)
     worker = make_worker(service)
     # Each batch makes thousands of short-lived objects that reference counting frees; keep the
     # cyclic collector from re-scanning everything loaded at start-up that often (it cost a quarter
@@ -142,6 +146,7 @@ async def _main(name: str, settings: Settings, make_worker: Callable[[Service], 
         stream=keys.stream,
         group=keys.group,
         metrics_port=settings.metrics_port,
+        **({"shards": [shard.stream for shard in shards]} if len(shards) > 1 else {}),
     )
     try:
         code = await _serve(service, worker)

@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     # Where a group that never existed starts; a group that vanishes under running services is
     # recreated where they last read instead.
     group_start_id: Literal["0", "$"] = "0"
+    # Sharded streams (streamgroup.keys.shard_keys): one logical stream as N stream keys. With 1,
+    # every key is named as without sharding.
+    shards: int = Field(1, ge=1, le=1024)
+    # The message field whose value picks the shard (same value, same shard, order kept); none: round-robin.
+    partition_field: str | None = Field(None, min_length=1)
+    # While changing STREAMGROUP_SHARDS: the number before the change (0: no change under way).
+    # Consumers and the reclaimer also read that layout's shards until they are drained.
+    previous_shards: int = Field(0, ge=0, le=1024)
 
     # Observability.
     metrics_port: int = Field(9180, ge=0, le=65535)

@@ -31,7 +31,7 @@ from streamgroup.backoff import Backoff
 from streamgroup.connection import RAW_REPLIES, _as_sent, _packing_in_c, client_options, url_without_password
 from streamgroup.connection import create_client as create_standalone_client
 from streamgroup.errors import ConfigError
-from streamgroup.keys import StreamKeys
+from streamgroup.keys import StreamKeys, read_shards
 from streamgroup.logs import get_logger
 from streamgroup.settings import Settings
 
@@ -78,7 +78,8 @@ def build_client(settings: Settings, mode: Mode) -> Client:
             raise ConfigError(
                 ["STREAMGROUP_REDIS_URL: the server is a Redis Cluster node, which has only database 0; use /0"]
             )
-        check_slots(StreamKeys.from_settings(settings))
+        for keys in read_shards(settings):  # with STREAMGROUP_SHARDS, the keys each shard's scripts take
+            check_slots(keys)
         return _cluster_client(settings)
     if mode == "sentinel":
         return _sentinel_client(settings)

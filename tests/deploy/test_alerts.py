@@ -227,7 +227,7 @@ def test_dashboard_sums_shards_and_drills_into_one():
 def _exported_names() -> set[str]:
     """Every series name the services' metrics registry exposes."""
     metrics = Metrics("s", "g", group_level=True)
-    metrics.set_consumers([("c", 1, 1.0)])
+    metrics.set_consumers([("0", "c", 1, 1.0)])
     text = prometheus_client.generate_latest(metrics.registry).decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
 

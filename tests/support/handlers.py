@@ -258,3 +258,12 @@ def _traced(handler):
 
 
 stateful_decorated_async = _traced(stateful_async)
+
+
+def record_sharded(message: Message) -> None:
+    """Records "<consumer> <stream> <id> <producer> <serial>" per success in `done-sharded` (ids
+    alone are not unique across shards); serials that are a multiple of TESTHANDLER_FAIL_MOD are poison."""
+    if _fail_mod and int(message.fields["serial"]) % _fail_mod == 0:
+        raise PoisonMessage("cannot ever handle this")
+    fields = message.fields
+    _client.rpush("done-sharded", f"{_consumer} {message.stream} {message.id} {fields['producer']} {fields['serial']}")
