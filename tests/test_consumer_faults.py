@@ -16,7 +16,9 @@ from streamgroup import streams
 from streamgroup.connection import create_client
 from streamgroup.keys import StreamKeys
 from streamgroup.message import decode_batch
+from streamgroup.naming import NameLease
 from streamgroup.settings import Settings
+from support import faults
 from support.accounting import GROUP, STREAM, all_acked, ledger
 from support.processes import Services, wait_for
 
@@ -285,3 +287,33 @@ def test_the_name_lease_key_hashes_to_the_stream_slot(stream: str) -> None:
     lease_key = StreamKeys(stream, "g", f"{stream}:dead").consumer_name_lease("pod-1")
     assert key_slot(lease_key.encode()) == key_slot(stream.encode())
     assert lease_key.endswith(":g:consumer:pod-1")
+
+
+def test_the_name_lease_is_taken_renewed_and_given_back_while_redis_is_out_of_memory(redis_url, r) -> None:
+    """A consumer can read and acknowledge under maxmemory (noeviction), so its name must not wait
+    for room: the lease scripts run with the allow-oom flag (a plain EVAL that writes is refused)."""
+    keys = StreamKeys(STREAM, GROUP, f"{STREAM}:dead")
+
+    async def under_oom() -> tuple:
+        client = create_client(Settings(redis_url=redis_url))
+        first, second = (NameLease(client, keys, "pod-1", 60_000) for _ in range(2))
+        try:
+            with faults.out_of_memory(r):
+                with pytest.raises(redis.exceptions.OutOfMemoryError):
+                    r.set("any-write", "x")  # Redis is full indeed
+                taken = await first.take()
+                refused = await second.take()
+                renewed = await first.take()
+                released = await first.release()  # expires the key in 1 ms
+                for _ in range(300):
+                    if (taken_over := await second.take()) is None:
+                        break
+                    await asyncio.sleep(0.01)
+            return taken, refused, renewed, released, taken_over, second.instance
+        finally:
+            await client.aclose()
+
+    taken, refused, renewed, released, taken_over, successor = asyncio.run(under_oom())
+    assert taken is None and renewed is None and released and taken_over is None
+    assert refused is not None, "the twin was refused"
+    assert r.get(keys.consumer_name_lease("pod-1")) == successor
