@@ -89,15 +89,8 @@ FAMILIES = {
 # they then run in every test_stateful run on all three servers. Once it is empty, delete
 # test_awaiting_fix as well (pytest reports an empty parametrization as a skip, which fails CI).
 AWAITING_FIX = {
-    "base": "issue 9 item 2: a BaseException from the handler crash-loops the consumer",
-    "decorated_async": "issue 9 item 1: a decorated async handler is acknowledged without running",
     "exit": "issue 9 item 3: a message that kills the consumer dead-letters its innocent batch-mates",
     "hang": "issue 9 item 11: a hanging handler holds its batch forever",
-    "busy": "issue 9 item 10: BUSY makes every service exit 1",
-    "oom": "issue 9 items 7 and 10: OOM is fatal",
-    "masterdown": "issue 9 item 10: MASTERDOWN makes every service exit 1",
-    "unblocked": "issue 9 item 10: UNBLOCKED on Redis 7.0 makes the consumers exit 1",
-    "repeated_fields": "issue 9 item 9: repeated field names collapse in the dead-letter copy",
 }
 
 OUTCOMES = ("raise", "poison", "base", "hang", "exit")
