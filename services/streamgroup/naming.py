@@ -22,11 +22,10 @@ log = get_logger("streamgroup.naming")
 
 # Both scripts run under maxmemory too (allow-oom): a consumer can still read and acknowledge
 # while Redis refuses writes, so its start and renewals must not wait for room; the key is tiny.
-# A shebang script must declare every key it touches (it does: KEYS[1] only). Redis >= 7.0, Valkey.
-ALLOW_OOM = "#!lua flags=allow-oom\n"
+# A shebang script must declare every key it touches (these do: KEYS[1] only). Redis >= 7.0, Valkey.
 
 # Take the name if free or already ours (a reconnect), and (re)set its expiry. Returns 1, or who holds it.
-TAKE = ALLOW_OOM + """
+TAKE = """#!lua flags=allow-oom
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return holder end
 if holder then
@@ -38,7 +37,7 @@ return 1
 """
 
 # Give the name back, only if it is still ours (expiring it at once needs no DEL permission).
-RELEASE = ALLOW_OOM + """
+RELEASE = """#!lua flags=allow-oom
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], 1) end
 return 0
 """
