@@ -17,7 +17,7 @@ and STREAMGROUP_STATEFUL_SEED replays the same program.
 
 Knobs (docs/reliability.md): STREAMGROUP_STATEFUL_RUNS (runs per server, default 1),
 STREAMGROUP_STATEFUL_STEPS (steps per run, default 14), STREAMGROUP_STATEFUL_SEED (replay one),
-STREAMGROUP_STATEFUL_FAMILIES (comma-separated, or `all`; default: every family but AWAITING_FIX).
+STREAMGROUP_STATEFUL_FAMILIES (comma-separated, or `all`, the default).
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ CLAIM_MIN_IDLE_MS = 4000
 REDIS_TIMEOUT_MS = 1000
 HANDLER_TIMEOUT_MS = 1500
 CONSUMER_NAME_LEASE_MS = 3000
-DRAIN_CAP_FACTOR = 6  # the drain's hard cap, in units of its stall budget (drain_seconds)
+DRAIN_STALL_SECONDS = 60  # the drain gives up once nothing moved for that long
+DRAIN_CAP_FACTOR = 4  # and at the latest after this many times as long
 EXIT_BY_HANDLER = 86  # support.handlers.EXIT_BY_HANDLER (that module only imports inside a service)
 
 # Every family of steps, each switchable on its own (STREAMGROUP_STATEFUL_FAMILIES).
@@ -86,16 +87,6 @@ FAMILIES = {
     "restart": "the server dies and restarts from its AOF",
 }
 
-# Families that today's code fails (issue 9), kept out of the default set until the fixes are
-# merged, but still run: each as an expected failure on its own (test_awaiting_fix), strict, so
-# that a fix makes it fail as XPASS. AFTER MERGING THE FIXES, delete the fixed families from here:
-# they then run in every test_stateful run on all three servers. Once it is empty, delete
-# test_awaiting_fix as well (pytest reports an empty parametrization as a skip, which fails CI).
-AWAITING_FIX = {
-    "exit": "issue 9 item 3: a message that kills the consumer dead-letters its innocent batch-mates",
-    "hang": "issue 9 item 11: a hanging handler holds its batch forever",
-}
-
 OUTCOMES = ("raise", "poison", "base", "hang", "exit")
 FAILING = {"raise", "base", "hang"}  # fail on every delivery: retried up to MAX_DELIVERIES
 FLAVOURS = {"sync": "stateful", "async": "stateful_async", "decorated_async": "stateful_decorated_async"}
@@ -112,9 +103,7 @@ def _env_int(name: str, default: int) -> int:
 
 def enabled_families() -> frozenset[str]:
     chosen = os.environ.get("STREAMGROUP_STATEFUL_FAMILIES", "").strip()
-    if not chosen:
-        return frozenset(FAMILIES) - frozenset(AWAITING_FIX)
-    if chosen == "all":
+    if not chosen or chosen == "all":
         return frozenset(FAMILIES)
     names = frozenset(name.strip() for name in chosen.split(",") if name.strip())
     unknown = names - set(FAMILIES)
@@ -164,9 +153,6 @@ class StatefulRun:
     ) -> None:
         self.kind, self.seed, self.steps, self.families = kind, seed, steps, families
         self.drain_seconds = drain_seconds
-        # A probe's family: its step is every third step and three times as likely in between; an
-        # outcome is in every fifth message; a flavour is every process's.
-        self.focus: str | None = None
         self.node_id = "tests/test_stateful.py"
         self.rng = random.Random(seed)
         self.workdir = workdir
@@ -194,8 +180,8 @@ class StatefulRun:
         try:
             self.step("start reclaimer", self.start_reclaimer)
             self.step("start consumer", self.start_consumer)
-            for number in range(self.steps):
-                name, action = self.choose(forced=self.focus is not None and number % 3 == 2)
+            for _ in range(self.steps):
+                name, action = self.choose()
                 self.step(name, action)
             self.step("drain", self.drain)
         finally:
@@ -211,8 +197,8 @@ class StatefulRun:
             self.violations = list(dict.fromkeys(self.violations))
             raise InvariantViolation(self.report())
 
-    def choose(self, forced: bool = False) -> tuple[str, Callable[[], object]]:
-        """A random step; `forced`: the focused family's step (or a produce, for an outcome)."""
+    def choose(self) -> tuple[str, Callable[[], object]]:
+        """A random step among those of the enabled families."""
         has = self.families.__contains__
         consumers = [p for p in self.live() if p.kind == "consumer"]
         running = [p for p in consumers if not p.paused]  # a frozen process cannot act on SIGTERM
@@ -234,12 +220,6 @@ class StatefulRun:
         for fault in SHARED_FAULTS:
             if has(fault):
                 options.append((fault, getattr(self, f"fault_{fault}"), 0.6 if fault == "unblocked" else 1.0))
-        focused = {"sigterm": "SIGTERM", "sigkill": "SIGKILL", "sigstop": "SIGSTOP"}.get(self.focus, self.focus)
-        if self.focus in OUTCOMES or self.focus == "repeated_fields":
-            focused = "produce"
-        if forced and any(name == focused for name, _, _ in options):
-            options = [option for option in options if option[0] == focused]
-        options = [(name, action, weight * (3 if name == focused else 1)) for name, action, weight in options]
         names, actions, weights = zip(*options, strict=True)
         index = self.rng.choices(range(len(names)), weights=weights)[0]
         return names[index], actions[index]
@@ -252,17 +232,15 @@ class StatefulRun:
         outcomes = [op for op in OUTCOMES if op in self.families]
         count = self.rng.randint(1, 20)
         ops = Counter()
-        for number in range(count):
+        for _ in range(count):
             op = self.rng.choice(outcomes) if outcomes and self.rng.random() < 0.15 else "ok"
-            if self.focus in OUTCOMES and number % 5 == 0:
-                op = self.focus  # a probe: every batch has one, among innocent batch-mates
             self._add(op)
             ops[op] += 1
         return ", ".join(f"{n} {op}" for op, n in sorted(ops.items()))
 
     def _add(self, op: str, *extra: bytes) -> str:
         flat = [b"key", uuid.uuid4().hex.encode(), b"op", op.encode(), *extra]
-        if "repeated_fields" in self.families and (self.focus == "repeated_fields" or self.rng.random() < 0.3):
+        if "repeated_fields" in self.families and self.rng.random() < 0.3:
             flat += [b"tag", b"first", b"tag", b"second"]
         entry_id = self.client.execute_command("XADD", STREAM, "*", *flat).decode()
         self.produced[entry_id] = (op, flat)
@@ -270,7 +248,7 @@ class StatefulRun:
 
     def _settings(self) -> dict:
         settings = {
-            "BATCH_SIZE": self.rng.choice([5, 20] if self.focus in OUTCOMES else [1, 5, 20]),
+            "BATCH_SIZE": self.rng.choice([1, 5, 20]),
             "CONCURRENCY": self.rng.choice([1, 2]),
             "READ_AHEAD": self.rng.choice(["true", "false"]),
             "BLOCK_MS": 500,
@@ -305,8 +283,6 @@ class StatefulRun:
         return proc
 
     def _flavour(self) -> str:
-        if self.focus in FLAVOURS:
-            return self.focus
         return self.rng.choice(["sync"] + [f for f in ("async", "decorated_async") if f in self.families])
 
     def start_consumer(self) -> str:
@@ -395,7 +371,7 @@ class StatefulRun:
         seconds = self.rng.uniform(1, 4)
 
         consumers = len([p for p in self.live() if p.kind == "consumer"])
-        start_one = self.focus == "oom" or (self.rng.random() < 0.5 and consumers < 3)
+        start_one = self.rng.random() < 0.5 and consumers < 3
 
         def oom() -> str:
             with faults.out_of_memory(self.client):
@@ -661,40 +637,31 @@ def _run(
     families: frozenset[str],
     tmp_path: Path,
     node_id: str,
-    drain_seconds: float = 150,
-    focus: str | None = None,
+    drain_seconds: float = DRAIN_STALL_SECONDS,
 ) -> None:
     steps = _env_int("STREAMGROUP_STATEFUL_STEPS", 14)
     for number, seed in enumerate(_seeds()):
         print(f"stateful run on {kind}: seed {seed}, {steps} steps, families {','.join(sorted(families))}")
         run = StatefulRun(kind, seed, steps, families, tmp_path / f"run-{number}", drain_seconds)
-        run.focus, run.node_id = focus, node_id
+        run.node_id = node_id
         try:
             run.run()
         finally:
             print("\n".join(run.history))
 
 
+# pytest-timeout's 300 s is too short for a run whose drain may take DRAIN_CAP_FACTOR stall budgets
+# (or for several runs, or long ones: STREAMGROUP_STATEFUL_RUNS/_STEPS).
+STATEFUL_TIMEOUT = _env_int("STREAMGROUP_STATEFUL_RUNS", 1) * (
+    _env_int("STREAMGROUP_STATEFUL_STEPS", 14) * 20 + (DRAIN_CAP_FACTOR + 1) * DRAIN_STALL_SECONDS
+)
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(STATEFUL_TIMEOUT)
 def test_stateful(server: DevServer, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """Random interleavings of every enabled family on each server kind."""
     _run(server.kind, enabled_families(), tmp_path, request.node.nodeid)
-
-
-# One server kind for the expected failures keeps CI short; Redis 7.0 is the one that answers UNBLOCKED.
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "family",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=InvariantViolation, reason=why))
-        for name, why in AWAITING_FIX.items()
-    ],
-)
-def test_awaiting_fix(family: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    """Each family today's code violates, alone with the basics (ok messages, SIGTERM, a restart of
-    the consumers): must fail today, and pass once its fix is merged (then move it out of AWAITING_FIX)."""
-    families = frozenset({family, "sigterm", "raise"})
-    _run("redis", families, tmp_path, request.node.nodeid, drain_seconds=60, focus=family)
 
 
 # --- The injectors themselves, on every server kind ----------------------------------------------
