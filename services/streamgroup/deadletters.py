@@ -17,6 +17,7 @@ from enum import Enum
 
 import redis.asyncio as aioredis
 
+from streamgroup.connection import as_sent
 from streamgroup.message import entry_timestamp
 from streamgroup.scripts import SCRIPT_MAX_FIELDS
 from streamgroup.streams import DEAD_LETTER_FIELDS_PREFIX
@@ -110,14 +111,10 @@ class DeadLetter:
         }
 
 
-def _as_sent(response: object, **_options: object) -> object:
-    return response
-
-
 def _raw_ranges(client: aioredis.Redis) -> aioredis.Redis:
     """redis-py turns XRANGE replies into dicts, which drops repeated field names: keep them flat."""
     for command in ("XRANGE", "XREVRANGE"):
-        client.set_response_callback(command, _as_sent)
+        client.set_response_callback(command, as_sent)
     return client
 
 
