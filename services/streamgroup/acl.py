@@ -139,9 +139,7 @@ def rule(
     return ["resetchannels", *keys, "-@all", *commands, *selectors]
 
 
-def render(
-    service: str, stream: str = "messageStream", dead_letter: str | None = None, cluster: bool = False
-) -> str:
+def render(service: str, stream: str = "messageStream", dead_letter: str | None = None, cluster: bool = False) -> str:
     """One line, as in docs/security.md (for Redis 7.0, drop +client|setinfo)."""
     return " ".join(rule(service, stream, dead_letter, cluster=cluster))
 

@@ -26,9 +26,12 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamgroup.keys import StreamKeys
+from streamgroup.logs import get_logger
 from streamgroup.message import Entry
 from streamgroup.streams import entries_of, raise_if_wrong_type
 from streamgroup.topology import Client, KeyConnections, Lease
+
+log = get_logger("streamgroup.reading")
 
 # Redirects followed in a row before the last one is raised (an outage the service waits out):
 # a slot that keeps moving, or a cluster whose nodes disagree on who serves it.
@@ -152,6 +155,7 @@ class GroupReader:
         except BaseException as exc:
             reads = [(r.read, r.deadline_seconds) for r in self._in_flight if r.read is not None]
             if await self._failed(exc):
+                log.info("the stream's slot moved; reading on the node that serves it now", reply=str(exc))
                 for read, deadline_seconds in reads:  # the acknowledgements due go with the first
                     await self._send(read, deadline_seconds)
                 raise _Redirected from exc

@@ -223,5 +223,6 @@ def test_resharding_the_streams_slot_under_load_with_redis_cli_loses_nothing(
     print("\n" + result.summary(f"cluster ({cluster.kind}), stream {stream} resharded {' '.join(moves)}"))
     print("not ready for:", readiness.summary())
     assert not result.lost_by_us and result.lost_by_redis == 0 and len(result.kept) == 6000
+    assert any("the stream's slot moved" in proc.output for proc in started[:3]), "a read was redirected"
     poison = {i for i, (_, _, serial) in result.kept.items() if int(serial) % POISON_EVERY == 0}
     assert result.dead == poison
