@@ -54,6 +54,7 @@ KINDS_BY_PREFIX: list[tuple[str, str]] = [
     ("BUSY ", "busy"),  # a script or module command runs long elsewhere ("BUSYGROUP" is not this)
     ("UNBLOCKED", "unblocked"),  # Redis 7.0: the stream was deleted under a blocked XREADGROUP
     ("NOGROUP", "nogroup"),  # the stream or group vanished; the worker recreates it on its next run
+    ("NOREPLICAS", "noreplicas"),  # min-replicas-to-write not met: the primary lost its replicas for now
     ("LOADING", "loading"),
     ("MASTERDOWN", "masterdown"),
     ("CLUSTERDOWN", "clusterdown"),

@@ -28,6 +28,7 @@ CLUSTER_FAILURES = [
     (rx.ClusterError("TTL exhausted."), "cluster"),
     (rx.RedisClusterException("Redis Cluster cannot be connected."), "cluster"),
     (rx.SlotNotCoveredError("Command # 1 (XADD) requires a slot that is not covered"), "cluster"),
+    (rx.ResponseError("NOREPLICAS Not enough good replicas to write."), "noreplicas"),
     (MasterNotFoundError("No master found for 'streamgroup'"), "connection"),
 ]
 

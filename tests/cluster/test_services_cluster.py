@@ -147,12 +147,12 @@ def test_killing_the_streams_primary_under_load_loses_nothing_redis_kept(
     with DevCluster(kind) as cluster:
         services: Services = services_on(cluster.url)
         started = _start_group(
-            services, _common(recorder_server), PRODUCERS=10, PRODUCER_INTERVAL_MS=50, MAX_MESSAGES=6000
+            services, _common(recorder_server), PRODUCERS=10, PRODUCER_INTERVAL_MS=50, MAX_MESSAGES=4000
         )
         with Readiness(started) as readiness:
             wait_for(lambda: recorder.llen("done-by") >= 1000, "the group at work")
             killed, promoted = cluster.kill_primary_of(STREAM)
-            result = _finish(started, cluster.cluster_client, recorder, promised=6000)
+            result = _finish(started, cluster.cluster_client, recorder, promised=4000)
         print("\n" + result.summary(f"cluster ({kind}), primary {killed} killed, {promoted} promoted"))
         print("not ready for:", readiness.summary())
         assert not result.lost_by_us
@@ -171,12 +171,12 @@ def test_sentinel_failover_under_load_loses_nothing_redis_kept(
             "REDIS_SENTINELS": group.addresses,
             "REDIS_SENTINEL_MASTER": group.master_name,
         }
-        started = _start_group(services, common, PRODUCERS=10, PRODUCER_INTERVAL_MS=50, MAX_MESSAGES=6000)
+        started = _start_group(services, common, PRODUCERS=10, PRODUCER_INTERVAL_MS=50, MAX_MESSAGES=4000)
         with Readiness(started) as readiness:
             wait_for(lambda: recorder.llen("done-by") >= 1000, "the group at work")
             old, new = group.failover()
             result = _finish(
-                started, lambda: redis.Redis(port=group.primary_port(), decode_responses=True), recorder, 6000
+                started, lambda: redis.Redis(port=group.primary_port(), decode_responses=True), recorder, 4000
             )
         print("\n" + result.summary(f"sentinel ({kind}), SENTINEL FAILOVER {old} -> {new}"))
         print("not ready for:", readiness.summary())
@@ -205,7 +205,7 @@ def test_resharding_the_streams_slot_under_load_with_redis_cli_loses_nothing(
     dead = f"{stream}:dead"
     services: Services = services_on(cluster_url)
     started = _start_group(
-        services, _common(recorder_server, stream), PRODUCERS=10, PRODUCER_INTERVAL_MS=50, MAX_MESSAGES=6000
+        services, _common(recorder_server, stream), PRODUCERS=10, PRODUCER_INTERVAL_MS=50, MAX_MESSAGES=4000
     )
     moves = []
     with Readiness(started) as readiness:
@@ -219,10 +219,10 @@ def test_resharding_the_streams_slot_under_load_with_redis_cli_loses_nothing(
             assert cluster.owner_of(stream) == target
             moves.append(f"{source}->{target}")
             time.sleep(1)
-        result = _finish(started, cluster.cluster_client, recorder, promised=6000, stream=stream, dead=dead)
+        result = _finish(started, cluster.cluster_client, recorder, promised=4000, stream=stream, dead=dead)
     print("\n" + result.summary(f"cluster ({cluster.kind}), stream {stream} resharded {' '.join(moves)}"))
     print("not ready for:", readiness.summary())
-    assert not result.lost_by_us and result.lost_by_redis == 0 and len(result.kept) == 6000
+    assert not result.lost_by_us and result.lost_by_redis == 0 and len(result.kept) == 4000
     assert any("the stream's slot moved" in proc.output for proc in started[:3]), "a read was redirected"
     poison = {i for i, (_, _, serial) in result.kept.items() if int(serial) % POISON_EVERY == 0}
     assert result.dead == poison
