@@ -210,15 +210,17 @@ def test_resharding_the_streams_slot_under_load_with_redis_cli_loses_nothing(
     moves = []
     with Readiness(started) as readiness:
         wait_for(lambda: recorder.llen("done-by") >= 500, "the group at work")
-        # There and back: the stream's slot is the lowest of its owner's each time.
-        for source, target in ((primaries[0], primaries[1]), (primaries[1], primaries[0])):
-            assert cluster.owner_of(stream) == source
-            stream_first = _stream_on_the_first_slot_of(cluster, source)
-            assert stream_first == stream, "the stream's slot is the first redis-cli moves"
-            cluster.reshard(source, target, 1)
-            assert cluster.owner_of(stream) == target
-            moves.append(f"{source}->{target}")
-            time.sleep(1)
+        # There with redis-cli (it moves the source's lowest slots first: the stream's), and back
+        # step by step as redis-cli does it (SETSLOT IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE).
+        source, target = primaries[0], primaries[1]
+        assert cluster.owner_of(stream) == source
+        cluster.reshard(source, target, 1)
+        assert cluster.owner_of(stream) == target
+        moves.append(f"{source}->{target} (redis-cli --cluster reshard)")
+        time.sleep(2)
+        cluster.move_slot_of(stream, source)
+        assert cluster.owner_of(stream) == source
+        moves.append(f"{target}->{source} (SETSLOT/MIGRATE)")
         result = _finish(started, cluster.cluster_client, recorder, promised=4000, stream=stream, dead=dead)
     print("\n" + result.summary(f"cluster ({cluster.kind}), stream {stream} resharded {' '.join(moves)}"))
     print("not ready for:", readiness.summary())
