@@ -9,6 +9,9 @@ be nothing of what Redis kept."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +22,7 @@ from redis.crc import key_slot
 
 from streamgroup.devserver import DevServer
 from support.cluster import DevCluster, DevSentinel, Tally, tally, wait_for
-from support.processes import ServiceProcess, Services
+from support.processes import ServiceProcess, Services, service_env
 
 STREAM = "{orders}"
 DEAD = "{orders}:dead"
@@ -129,6 +132,23 @@ def test_services_on_a_cluster_handle_everything_and_keep_every_key_in_the_strea
         assert any(":producer-run:" in key for key in keys)
         for key in keys:
             assert int(node.execute_command("CLUSTER", "KEYSLOT", key)) == slot == key_slot(key.encode())
+
+    # The dead-letters command on the cluster: list them, replay them all to the stream (one
+    # script per entry on both keys of the slot), and the dead-letter stream is empty.
+    listed = _cli(cluster_url, "dead-letters", "list", "--json")
+    assert sorted(row["original_id"] for row in json.loads(listed)) == sorted(poison)
+    _cli(cluster_url, "dead-letters", "replay", "--all", "--yes")
+    with cluster.cluster_client() as client:
+        assert client.xlen(DEAD) == 0 and client.xlen(STREAM) == 1500 + 30
+
+
+def _cli(url: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "streamgroup", *args],
+        env=service_env(url, STREAM=STREAM), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def test_a_stream_without_a_hash_tag_on_a_cluster_refuses_to_start_and_says_how_to_fix_it(

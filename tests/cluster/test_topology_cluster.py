@@ -17,7 +17,7 @@ from streamgroup.devserver import KINDS
 from streamgroup.errors import EXIT_CONFIG, ConfigError
 from streamgroup.keys import StreamKeys
 from streamgroup.redis_errors import is_outage
-from streamgroup.scripts import Scripts
+from streamgroup.scripts import SCRIPT_MAX_FIELDS, Scripts
 from streamgroup.settings import Settings
 from support.cluster import DevCluster, wait_for
 from support.handsent import ids_of, read_command, send_by_hand
@@ -373,3 +373,25 @@ def _manual_failover(cluster: DevCluster, primary: int) -> None:
         client.execute_command("CLUSTER", "FAILOVER")
     wait_for(lambda: cluster.primary_ports().count(replica) == 1, "the replica to take over")
     cluster.wait_healthy()
+
+
+def test_an_entry_too_wide_for_a_script_is_dead_lettered_on_a_cluster(cluster_url, cluster) -> None:
+    """The wide path (XADD + check script in one MULTI/EXEC) on the stream's node: a cluster
+    pipeline refuses `evalsha` by name, so the script goes as a plain EVALSHA command."""
+    keys = _keys("{wide}")
+
+    async def main() -> None:
+        client = await topology.create_client(Settings(redis_url=cluster_url, stream=keys.stream))
+        try:
+            await streams.ensure_group(client, keys)
+            fields = {f"f{n}": "v" for n in range(SCRIPT_MAX_FIELDS)}
+            entry_id = (await client.xadd(keys.stream, fields)).decode()
+            await client.xreadgroup(GROUP, "c1", {keys.stream: ">"})
+            flat = [part for pair in fields.items() for part in pair] + ["x-streamgroup-original-id", entry_id]
+            assert await Scripts(client, keys).dead_letter("c1", [(entry_id, flat)]) == {entry_id}
+            assert await client.xlen(keys.dead_letter) == 1
+            assert (await client.xpending(keys.stream, GROUP))["pending"] == 0
+        finally:
+            await client.aclose()
+
+    _run(main())
