@@ -9,6 +9,7 @@ the same rule by the server, so they are listed too.
     acl.render("consumer")                        # the rule for the default stream, as one line
     acl.setuser_args("consumer", "sg-consumer", password, stream="orders")
     acl.render("consumer", shards=3)              # every shard's keys (STREAMGROUP_SHARDS=3)
+    acl.render("consumer", stream="{orders}", cluster=True)  # on a Redis Cluster (every node)
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ CONNECTION: tuple[str, ...] = ("+ping", "+info")
 # required; granting it keeps the ACL log free of a denial per connection. Redis 7.0 does not know
 # the subcommand and rejects the grant, so it is left out there (see server_knows_client_setinfo).
 CLIENT_SETINFO = "+client|setinfo"
+
+# On a Redis Cluster, redis-py's cluster client also sends, at start and after a failover or a
+# resharding: CLUSTER SLOTS (who serves which slot), COMMAND (where each command's keys are) and
+# ASKING (before a command on a slot mid-migration; the consumer's hand-sent reads too). INFO (in
+# CONNECTION) is also what auto mode asks to tell a cluster node from a plain server. On every node.
+CLUSTER: tuple[str, ...] = ("+cluster|slots", "+command", "+asking")
 
 # What each service sends, and why.
 COMMANDS: Mapping[str, tuple[str, ...]] = {
@@ -123,10 +130,12 @@ def rule(
     client_setinfo: bool = True,
     shards: int = 1,
     previous_shards: int = 0,
+    cluster: bool = False,
 ) -> list[str]:
     """The ACL SETUSER arguments (after `reset on >PASSWORD`) for one service on one stream: with
     `shards` (STREAMGROUP_SHARDS), every shard's keys, each named exactly; with `previous_shards`
-    (STREAMGROUP_PREVIOUS_SHARDS), those of the layout being drained too (not for the producer)."""
+    (STREAMGROUP_PREVIOUS_SHARDS), those of the layout being drained too (not for the producer);
+    `cluster`: for a Redis Cluster (set on every node)."""
     if service not in COMMANDS:
         raise ValueError(f"unknown service {service!r}; one of {', '.join(SERVICES)}")
     for key in (stream, dead_letter or ""):
@@ -147,7 +156,12 @@ def rule(
     if service in NAME_LEASE_ACCESS:
         # One lease per process, on the logical stream's key whatever the number of shards.
         keys.append(NAME_LEASE_ACCESS[service] + escape_key_pattern(slot_prefix(stream)) + ":*:consumer:*")
-    commands = [*CONNECTION, *([CLIENT_SETINFO] if client_setinfo else []), *COMMANDS[service]]
+    commands = [
+        *CONNECTION,
+        *([CLIENT_SETINFO] if client_setinfo else []),
+        *(CLUSTER if cluster else ()),
+        *COMMANDS[service],
+    ]
     seen: set[str] = set()
     commands = [c for c in commands if not (c in seen or seen.add(c))]
     selectors = []
@@ -157,9 +171,15 @@ def rule(
     return ["resetchannels", *keys, "-@all", *commands, *selectors]
 
 
-def render(service: str, stream: str = "messageStream", dead_letter: str | None = None, shards: int = 1) -> str:
+def render(
+    service: str,
+    stream: str = "messageStream",
+    dead_letter: str | None = None,
+    shards: int = 1,
+    cluster: bool = False,
+) -> str:
     """One line, as in docs/security.md (for Redis 7.0, drop +client|setinfo)."""
-    return " ".join(rule(service, stream, dead_letter, shards=shards))
+    return " ".join(rule(service, stream, dead_letter, shards=shards, cluster=cluster))
 
 
 def setuser_args(
@@ -171,12 +191,11 @@ def setuser_args(
     client_setinfo: bool = True,
     shards: int = 1,
     previous_shards: int = 0,
+    cluster: bool = False,
 ) -> list[str]:
     """The whole command, ready for client.execute_command(*args)."""
-    return [
-        "ACL", "SETUSER", user, "reset", "on", f">{password}",
-        *rule(service, stream, dead_letter, client_setinfo, shards, previous_shards),
-    ]  # fmt: skip
+    granted = rule(service, stream, dead_letter, client_setinfo, shards, previous_shards, cluster)
+    return ["ACL", "SETUSER", user, "reset", "on", f">{password}", *granted]
 
 
 def server_knows_client_setinfo(info: Mapping[str, object]) -> bool:

@@ -27,10 +27,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamgroup import deadletters, groupstats
-from streamgroup.connection import check_server, create_client
+from streamgroup.connection import check_server
 from streamgroup.errors import EXIT_CONFIG, EXIT_UNEXPECTED, ConfigError, RedisRefusedError
 from streamgroup.keys import StreamKeys, read_shards
 from streamgroup.settings import Settings, load_settings
+from streamgroup.topology import CLUSTER_OUTAGES, create_client
 
 EXIT_UNREACHABLE = 4
 EXIT_NOT_FOUND = 5
@@ -389,7 +390,7 @@ async def _run(command: Command, args: argparse.Namespace) -> int:
     # Through the settings, so the dead-letter stream follows --stream by the services' own rule.
     settings = settings.model_copy(update={k: v for k, v in overrides.items() if v})
     target = Target(settings.stream, settings.group, read_shards(settings))
-    client = create_client(settings)
+    client = await create_client(settings)  # on a cluster, checks that these keys can work there
     try:
         await check_server(client)
         return await command(client, target, args)
@@ -491,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     except RedisRefusedError as exc:
         print(f"streamgroup: {exc}", file=sys.stderr)
         code = exc.exit_code
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+    except (RedisConnectionError, RedisTimeoutError, OSError, *CLUSTER_OUTAGES) as exc:
         print(f"streamgroup: cannot reach redis: {exc}", file=sys.stderr)
         code = EXIT_UNREACHABLE
     except Exception as exc:  # a CLI prints one line, not a traceback

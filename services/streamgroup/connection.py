@@ -61,16 +61,16 @@ def create_client(settings: Settings) -> aioredis.Redis:
         url = url_without_password(url)
     client = aioredis.Redis.from_url(url, **options)
     for command in RAW_REPLIES:
-        client.set_response_callback(command, _as_sent)
+        client.set_response_callback(command, as_sent)
     pool = client.connection_pool
-    pool.connection_class = _packing_in_c(pool.connection_class)
+    pool.connection_class = packing_in_c(pool.connection_class)
     return client
 
 
 RAW_REPLIES = ("XAUTOCLAIM", "XCLAIM")  # parsed by streamgroup.streams, once (XREADGROUP: streamgroup.reading)
 
 
-def _as_sent(response: Any, **_options: Any) -> Any:
+def as_sent(response: Any, **_options: Any) -> Any:
     return response
 
 
@@ -92,7 +92,7 @@ class _HiredisPacking:
 
 
 @functools.cache
-def _packing_in_c(connection_class: type) -> type:
+def packing_in_c(connection_class: type) -> type:
     """The pool's connection class (TCP, TLS or Unix socket, as the URL chose) packing with hiredis."""
     return type(f"HiredisPacking{connection_class.__name__}", (_HiredisPacking, connection_class), {})
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
+from streamgroup.connection import as_sent
 from streamgroup.message import entry_timestamp
 from streamgroup.scripts import SCRIPT_MAX_FIELDS
 from streamgroup.streams import DEAD_LETTER_FIELDS_PREFIX
@@ -110,14 +112,10 @@ class DeadLetter:
         }
 
 
-def _as_sent(response: object, **_options: object) -> object:
-    return response
-
-
 def _raw_ranges(client: aioredis.Redis) -> aioredis.Redis:
     """redis-py turns XRANGE replies into dicts, which drops repeated field names: keep them flat."""
     for command in ("XRANGE", "XREVRANGE"):
-        client.set_response_callback(command, _as_sent)
+        client.set_response_callback(command, as_sent)
     return client
 
 
@@ -187,16 +185,26 @@ class Replayer:
             page = entries[first : first + PAGE]
             narrow = [entry for entry in page if len(entry.flat) <= SCRIPT_MAX_FIELDS]
             if narrow:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for entry in narrow:
-                        keys = [self.target(entry), self._dead_letter_key]
-                        await self._script(keys=keys, args=[entry.id, PREFIX], client=pipe)
-                    replies = await pipe.execute()
+                replies = await self._run_scripts(narrow)
                 for entry, reply in zip(narrow, replies, strict=True):
                     yield entry, *_outcome(reply)
             for entry in page:
                 if len(entry.flat) > SCRIPT_MAX_FIELDS:
                     yield entry, *await self._replay_wide(entry)
+
+    async def _run_scripts(self, entries: Sequence[DeadLetter]) -> list:
+        """The replay script for each entry, in order: pipelined on one server; one call after the
+        other on a Redis Cluster, whose pipelines refuse scripts."""
+
+        def keys(entry: DeadLetter) -> list[str]:
+            return [self.target(entry), self._dead_letter_key]
+
+        if isinstance(self._client, RedisCluster):
+            return [await self._script(keys=keys(entry), args=[entry.id, PREFIX]) for entry in entries]
+        async with self._client.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                await self._script(keys=keys(entry), args=[entry.id, PREFIX], client=pipe)
+            return await pipe.execute()
 
     async def _replay_wide(self, entry: DeadLetter) -> tuple[Outcome, str | None]:
         # Too wide for Lua's unpack(): the same steps from here, add first. A crash between the two

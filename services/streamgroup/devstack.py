@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass
 
 from streamgroup import groupstats
-from streamgroup.connection import create_client
 from streamgroup.devserver import DevServer, free_port
 from streamgroup.keys import read_shards
 from streamgroup.settings import load_settings
+from streamgroup.topology import create_client
 
 CONSUMERS = 3
 DEMO_DEFAULTS = {
@@ -53,7 +53,7 @@ class Totals:
 async def _totals(env: dict[str, str]) -> Totals:
     os.environ.update(env)
     settings = load_settings()
-    client = create_client(settings)
+    client = await create_client(settings)
     try:
         shards = read_shards(settings)  # with STREAMGROUP_SHARDS, all of them added up
         each = [await groupstats.collect(client, keys) for keys in shards]

@@ -78,11 +78,14 @@ async def collect(
         pipe.xlen(keys.dead_letter)
         pipe.xinfo_groups(keys.stream)
         stream_length, dead_letter_length, groups = await pipe.execute(raise_on_error=False)
-    for reply in (stream_length, dead_letter_length):
+    # "no such key" from XINFO GROUPS: the stream does not exist yet. Anything else fails the call:
+    # on a cluster each node's part of the pipeline fails on its own (a connection error there
+    # comes back as a reply).
+    stream_exists = not (type(groups) is ResponseError and "no such key" in str(groups))
+    for reply in (stream_length, dead_letter_length, *([groups] if stream_exists else [])):
         if isinstance(reply, Exception):
             raise reply
     group = None
-    stream_exists = not isinstance(groups, ResponseError)  # "no such key": the stream does not exist yet
     if stream_exists:
         group = next((g for g in groups if _text(g["name"]) == keys.group), None)
     if group is None:

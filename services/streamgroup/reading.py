@@ -4,6 +4,12 @@ Sending the next read before handling the batch in hand lets Redis fill it meanw
 acknowledgements due so far go out in the same write (or alone, with flush(), when no read is
 about to go out: they never wait for one). redis-py's pipeline does a round trip in one
 await, and its per-call bookkeeping cost more CPU than everything else on the consumer's read path.
+
+The connection is one to the node that serves the stream (streamgroup.topology.KeyConnections):
+on one server or through Sentinel the client's pool; on a Redis Cluster the owner of the stream's
+slot. A MOVED or ASK reply (the slot moved or is moving) or UNBLOCKED (Redis 7.0: the blocked
+read's slot moved away, or its node became a replica) sends the reads in flight again at once, to
+the node that serves the slot now, with the acknowledgements not known to be applied.
 """
 
 from __future__ import annotations
@@ -16,22 +22,37 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamgroup.keys import StreamKeys
+from streamgroup.logs import get_logger
 from streamgroup.message import Entry
 from streamgroup.streams import entries_of, raise_if_wrong_type
+from streamgroup.topology import Client, KeyConnections, Lease
+
+log = get_logger("streamgroup.reading")
+
+# Redirects followed in a row before the last one is raised (an outage the service waits out):
+# a slot that keeps moving, or a cluster whose nodes disagree on who serves it.
+MAX_REDIRECTS = 16
 
 
 @dataclass(slots=True)
 class _Request:
     acks: list[str]  # acknowledged by this request's XACK (sent first), if any; emptied once its reply is in
     sent_at: float
-    reads: bool  # False: a bare XACK
+    read: tuple | None  # the XREADGROUP sent after the XACK; None: a bare XACK
     deadline_seconds: float  # for its replies, from when they are awaited
+    asking: bool  # each command went after an ASKING (a slot mid-migration): one +OK more each
+
+    @property
+    def reads(self) -> bool:
+        return self.read is not None
+
+
+class _Redirected(Exception):
+    """The reads in flight went again to the node that serves the stream now."""
 
 
 class GroupReader:
@@ -42,18 +63,19 @@ class GroupReader:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         keys: StreamKeys,
         consumer: str,
         count: int,
         on_acked: Callable[[Sequence[str], float, int], None],
         timeout_seconds: float,
     ) -> None:
-        self._pool = client.connection_pool
+        self._connections = KeyConnections(client)
         self._keys, self._consumer, self._count = keys, consumer, count
         self._timeout = timeout_seconds
         self._on_acked = on_acked
-        self._connection: AbstractConnection | None = None
+        self._lease: Lease | None = None
+        self._redirects = 0  # in a row
         self._due: list[str] = []
         self._in_flight: deque[_Request] = deque()
         self._reads_in_flight = 0
@@ -84,15 +106,17 @@ class GroupReader:
         commands: list[tuple] = [("XACK", self._keys.stream, self._keys.group, *acks)] if acks else []
         if read is not None:
             commands.append(read)
-        if self._connection is None:
-            self._connection = await self._pool.get_connection()
-        connection = self._connection
-        self._in_flight.append(_Request(acks, time.time(), read is not None, deadline_seconds))
+        if self._lease is None:
+            self._lease = await self._connections.acquire(self._keys.stream)
+        lease = self._lease
+        connection = lease.connection
+        self._in_flight.append(_Request(acks, time.time(), read, deadline_seconds, lease.asking))
         self._reads_in_flight += read is not None
         try:
-            await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
-        except BaseException:
-            await self._failed()
+            packed = connection.pack_commands(lease.prepare(commands) if lease.asking else commands)
+            await connection.send_packed_command(packed, check_health=False)
+        except BaseException as exc:
+            await self._failed(exc)
             raise
 
     async def receive(self) -> list[Entry]:
@@ -101,51 +125,76 @@ class GroupReader:
         assert self._reads_in_flight, "no read was sent"
         while True:
             request = self._in_flight[0]
-            reply = await self._take_replies(request)
+            try:
+                reply = await self._take_replies(request)
+            except _Redirected:
+                continue
             self._in_flight.popleft()
             if request.reads:
                 self._reads_in_flight -= 1
+                self._redirects = 0
                 return entries_of(reply)
 
     async def _take_replies(self, request: _Request) -> object:
-        connection = self._connection
-        assert connection is not None
+        lease = self._lease
+        assert lease is not None
+        connection = lease.connection
         try:
             async with asyncio.timeout(request.deadline_seconds):
                 if request.acks:
+                    if request.asking:
+                        await connection.read_response(timeout=math.inf)  # +OK to ASKING
                     acknowledged = await connection.read_response(timeout=math.inf)
                     acks, request.acks = request.acks, []
                     self._on_acked(acks, request.sent_at, int(acknowledged))
-                return await connection.read_response(timeout=math.inf) if request.reads else None
+                if not request.reads:
+                    return None
+                if request.asking:
+                    await connection.read_response(timeout=math.inf)
+                return await connection.read_response(timeout=math.inf)
         except BaseException as exc:
-            await self._failed()
+            reads = [(r.read, r.deadline_seconds) for r in self._in_flight if r.read is not None]
+            if await self._failed(exc):
+                log.info("the stream's slot moved; reading on the node that serves it now", reply=str(exc))
+                for read, deadline_seconds in reads:  # the acknowledgements due go with the first
+                    await self._send(read, deadline_seconds)
+                raise _Redirected from exc
             if isinstance(exc, ResponseError):
                 raise_if_wrong_type(exc, self._keys.stream)
             if isinstance(exc, TimeoutError):
                 raise RedisTimeoutError(f"no reply from Redis within {request.deadline_seconds:g} s") from exc
             raise
 
-    async def _failed(self) -> None:
+    async def _failed(self, exc: BaseException) -> bool:
         """Acknowledgements not known to be applied go again with the next read (acknowledging an
         id twice is harmless: the second XACK answers 0). The connection may still owe replies, so
-        it is never used again."""
+        it is never used again. True if the reads in flight should go again at once: the stream's
+        slot moved (MOVED, ASK, UNBLOCKED; at most MAX_REDIRECTS times in a row)."""
         self._due[:0] = [entry_id for request in self._in_flight for entry_id in request.acks]
         self._in_flight.clear()
         self._reads_in_flight = 0
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            await connection.disconnect(nowait=True)
-            await self._pool.release(connection)
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            await self._connections.release(lease, broken=True)
+        if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+            return False
+        if not await self._connections.failed(exc):
+            return False
+        self._redirects += 1
+        return self._redirects <= MAX_REDIRECTS
 
     async def close(self) -> list[str]:
         """Take the replies still owed (their acknowledgements count), give the connection back,
         and return the ids whose acknowledgement was never applied."""
         with contextlib.suppress(Exception):  # on failure the ids are due again; the caller sends them
             while self._in_flight:
-                await self._take_replies(self._in_flight[0])
+                try:
+                    await self._take_replies(self._in_flight[0])
+                except _Redirected:  # sent again: their replies are taken next
+                    continue
                 self._reads_in_flight -= self._in_flight.popleft().reads
-        if self._connection is not None:
-            connection, self._connection = self._connection, None
-            await self._pool.release(connection)
+        if self._lease is not None:
+            lease, self._lease = self._lease, None
+            await self._connections.release(lease)
         due, self._due = self._due, []
         return due

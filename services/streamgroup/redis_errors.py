@@ -5,8 +5,13 @@ first word otherwise (`BUSY`, `UNBLOCKED`, `NOGROUP` have no class of their own)
 
 A reply nobody foresaw is treated as an outage too, logged loudly: exiting would only restart the
 process into the same reply, a crash loop, while waiting costs nothing and recovers by itself.
-Extend KINDS_BY_CLASS / KINDS_BY_PREFIX (e.g. for cluster redirections) rather than adding
-another list elsewhere.
+Extend KINDS_BY_CLASS / KINDS_BY_PREFIX rather than adding another list elsewhere.
+
+A Redis Cluster adds its own: CLUSTERDOWN and TRYAGAIN replies, MOVED/ASK redirects that outlast
+redis-py's own following (a slot moving back and forth, a failover half done), and the cluster
+client's RedisClusterException (not even a RedisError: no node reachable, a slot nobody serves,
+SlotNotCoveredError) and ClusterError (redirects that never settled). All are outages; so is
+Sentinel's MasterNotFoundError (a ConnectionError: no sentinel names a primary right now).
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ KINDS_BY_CLASS: list[tuple[type[BaseException], str]] = [
     (rx.MasterDownError, "masterdown"),
     (rx.ClusterDownError, "clusterdown"),
     (rx.TryAgainError, "tryagain"),
+    (rx.AskError, "redirect"),  # MovedError too (a subclass)
+    (rx.ClusterError, "cluster"),
+    (rx.RedisClusterException, "cluster"),
     (rx.OutOfMemoryError, "oom"),
     (rx.ReadOnlyError, "readonly"),
     (rx.TimeoutError, "timeout"),
@@ -46,6 +54,7 @@ KINDS_BY_PREFIX: list[tuple[str, str]] = [
     ("BUSY ", "busy"),  # a script or module command runs long elsewhere ("BUSYGROUP" is not this)
     ("UNBLOCKED", "unblocked"),  # Redis 7.0: the stream was deleted under a blocked XREADGROUP
     ("NOGROUP", "nogroup"),  # the stream or group vanished; the worker recreates it on its next run
+    ("NOREPLICAS", "noreplicas"),  # min-replicas-to-write not met: the primary lost its replicas for now
     ("LOADING", "loading"),
     ("MASTERDOWN", "masterdown"),
     ("CLUSTERDOWN", "clusterdown"),

@@ -254,7 +254,8 @@ class Scripts:
         sha = await self._client.script_load(DEAD_LETTER_WIDE_ACK)
         async with self._client.pipeline(transaction=True) as multi:
             multi.execute_command("XADD", keys.dead_letter, "*", *fields)
-            multi.evalsha(
+            multi.execute_command(  # not multi.evalsha: a cluster's pipeline refuses that by name
+                "EVALSHA",
                 sha,
                 2,
                 keys.stream,

@@ -17,16 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn, Protocol
 
-import redis.asyncio as aioredis
-
+from streamgroup import topology
 from streamgroup.backoff import Backoff
-from streamgroup.connection import check_server, create_client
+from streamgroup.connection import check_server
 from streamgroup.errors import EXIT_OK, ConfigError, RedisRefusedError
 from streamgroup.health import start_http_server
 from streamgroup.keys import StreamKeys, read_shards
 from streamgroup.logs import configure_logging, get_logger
 from streamgroup.metrics import Metrics
-from streamgroup.redis_errors import classify, is_outage, refusal_text
+from streamgroup.redis_errors import Verdict, classify, is_outage, refusal_text
 from streamgroup.settings import Settings, load_settings
 
 log = get_logger("streamgroup.service")
@@ -42,7 +41,8 @@ class Service:
     settings: Settings
     keys: StreamKeys
     metrics: Metrics
-    client: aioredis.Redis
+    # Made by connect(): in auto mode creating it asks the server whether it is a cluster node.
+    client: topology.Client = field(default=None)  # type: ignore[assignment]
     # The stream keys of every shard this process reads (streamgroup.keys.read_shards); with one
     # shard, just `keys`.
     shards: list[StreamKeys] = field(default_factory=list)
@@ -127,13 +127,7 @@ async def _main(name: str, settings: Settings, make_worker: Callable[[Service], 
     keys = StreamKeys.from_settings(settings)
     shards = read_shards(settings)
     metrics = Metrics(keys.stream, keys.group, group_level=group_metrics, shards=[shard.shard for shard in shards])
-    service = Service(name, settings, keys, metrics, create_client(settings), shards=shards)
-    worker = make_worker(service)
-    # Each batch makes thousands of short-lived objects that reference counting frees; keep the
-    # cyclic collector from re-scanning everything loaded at start-up that often (it cost a quarter
-    # of the consumer's CPU at full speed, see docs/benchmarks.md).
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
+    service = Service(name, settings, keys, metrics, shards=shards)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, service.request_stop, signal.Signals(signum).name)
@@ -143,12 +137,22 @@ async def _main(name: str, settings: Settings, make_worker: Callable[[Service], 
     log.info(
         "starting",
         redis=settings.redis_url_redacted,
+        mode=settings.redis_mode,
         stream=keys.stream,
         group=keys.group,
         metrics_port=settings.metrics_port,
         **({"shards": [shard.stream for shard in shards]} if len(shards) > 1 else {}),
     )
     try:
+        refused_or_stopped = await _connect(service)
+        if refused_or_stopped is not None:
+            return refused_or_stopped
+        worker = make_worker(service)
+        # Each batch makes thousands of short-lived objects that reference counting frees; keep the
+        # cyclic collector from re-scanning everything loaded at start-up that often (it cost a
+        # quarter of the consumer's CPU at full speed, see docs/benchmarks.md).
+        gc.freeze()
+        gc.set_threshold(10_000, 10, 10)
         code = await _serve(service, worker)
         if code == EXIT_OK:
             await _close(service, worker)
@@ -156,8 +160,29 @@ async def _main(name: str, settings: Settings, make_worker: Callable[[Service], 
     finally:
         if http is not None:
             http.close()
-        await service.client.aclose()
+        if service.client is not None:
+            await service.client.aclose()
         log.info("stopped")
+
+
+async def _connect(service: Service) -> int | None:
+    """Make the client for the configured deployment (topology.create_client), waiting out an
+    unreachable server with backoff, not ready, as any outage. A configuration that cannot work
+    there (a stream and its dead-letter stream in different cluster slots) raises ConfigError:
+    exit 2. None once connected; else the exit code (stopped first, or refused)."""
+    backoff = Backoff()
+    while not service.stopping.is_set():
+        try:
+            service.client = await topology.create_client(service.settings)
+            return None
+        except Exception as exc:
+            verdict = classify(exc)
+            if verdict is None:
+                raise
+            if verdict.refused:
+                return _refused(service, exc)
+            await _wait_out(service, exc, verdict, backoff)
+    return EXIT_OK
 
 
 async def _start_http(service: Service) -> asyncio.Server:
@@ -210,23 +235,28 @@ async def _serve(service: Service, worker: Worker) -> int:
             if verdict.refused:
                 return _refused(service, exc)
             _set_ready(service, False)
-            service.metrics.redis_errors[verdict.kind].inc()
             if connected_at is not None and time.monotonic() - connected_at > backoff.cap_seconds:
                 backoff.reset()  # it worked for a while: this is a new outage, start again quickly
-            delay = backoff.next_delay()
-            fields = {
-                "error": str(exc) or type(exc).__name__,
-                "kind": verdict.kind,
-                "retry_in_seconds": round(delay, 2),
-                "attempt": backoff.attempt,
-            }
-            if verdict.expected:
-                log.warning("redis unavailable; retrying", **fields)
-            else:
-                # Exiting would restart us into the same reply (a crash loop): wait it out, loudly.
-                log.error("unexpected reply from redis; treating it as an outage and retrying", exc_info=exc, **fields)
-            await service.sleep(delay)
+            await _wait_out(service, exc, verdict, backoff)
     return EXIT_OK
+
+
+async def _wait_out(service: Service, exc: Exception, verdict: Verdict, backoff: Backoff) -> None:
+    """Count and report an outage, then sleep the backoff's next delay (waking early to stop)."""
+    service.metrics.redis_errors[verdict.kind].inc()
+    delay = backoff.next_delay()
+    fields = {
+        "error": str(exc) or type(exc).__name__,
+        "kind": verdict.kind,
+        "retry_in_seconds": round(delay, 2),
+        "attempt": backoff.attempt,
+    }
+    if verdict.expected:
+        log.warning("redis unavailable; retrying", **fields)
+    else:
+        # Exiting would restart us into the same reply (a crash loop): wait it out, loudly.
+        log.error("unexpected reply from redis; treating it as an outage and retrying", exc_info=exc, **fields)
+    await service.sleep(delay)
 
 
 def _set_ready(service: Service, ready: bool) -> None:

@@ -28,7 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamgroup.backoff import Backoff
-from streamgroup.connection import RAW_REPLIES, _as_sent, _packing_in_c, client_options, url_without_password
+from streamgroup.connection import RAW_REPLIES, as_sent, client_options, packing_in_c, url_without_password
 from streamgroup.connection import create_client as create_standalone_client
 from streamgroup.errors import ConfigError
 from streamgroup.keys import StreamKeys, read_shards
@@ -114,7 +114,7 @@ def _hash_tagged(name: str) -> str:
 def _adapt(client: Client) -> Client:
     """The reply handling connection.create_client gives a plain client."""
     for command in RAW_REPLIES:
-        client.set_response_callback(command, _as_sent)
+        client.set_response_callback(command, as_sent)
     return client
 
 
@@ -131,7 +131,7 @@ def _cluster_client(settings: Settings) -> RedisCluster:
     # `retry` is the cluster client's own: after a connection error or CLUSTERDOWN it refreshes the
     # slot map and tries once more; beyond that the service's loop backs off.
     client = RedisCluster.from_url(url, **options)
-    packing = _packing_in_c(client.connection_kwargs["connection_class"])
+    packing = packing_in_c(client.connection_kwargs["connection_class"])
     client.connection_kwargs["connection_class"] = packing  # for every node found from now on
     for node in client.startup_nodes:
         node.connection_class = packing
@@ -236,7 +236,7 @@ def _sentinel_client(settings: Settings) -> aioredis.Redis:
         **{**from_url, **options, "ssl": tls},
     )
     pool = client.connection_pool
-    pool.connection_class = _packing_in_c(pool.connection_class)
+    pool.connection_class = packing_in_c(pool.connection_class)
     return _adapt(client)
 
 
@@ -315,13 +315,14 @@ class KeyConnections:
         - MOVED / ASK (a slot moved or is moving);
         - UNBLOCKED: Redis 7.0 answers a blocked XREADGROUP so when its slot is moved away
           ("the stream key no longer exists", after MIGRATE) or its node turns replica in a
-          failover ("instance state changed"); Valkey sends MOVED or ASK instead.
+          failover ("instance state changed"); Valkey sends MOVED or ASK instead. On one server
+          UNBLOCKED means the stream was deleted: an outage the caller waits out (False).
         False for anything else; after a connection error the slot map is refreshed (a failover
         may have changed who serves the slot), and the caller backs off as for any outage."""
         if isinstance(error, (MovedError, AskError)) and self.is_cluster:
             await self.redirected(error)
             return True
-        if isinstance(error, ResponseError) and str(error).startswith("UNBLOCKED"):
+        if isinstance(error, ResponseError) and str(error).startswith("UNBLOCKED") and self.is_cluster:
             with contextlib.suppress(RedisConnectionError, RedisTimeoutError, *CLUSTER_OUTAGES):
                 await self.refresh()
             return True

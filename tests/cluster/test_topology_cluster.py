@@ -16,7 +16,8 @@ from streamgroup import groupstats, streams, topology
 from streamgroup.devserver import KINDS
 from streamgroup.errors import EXIT_CONFIG, ConfigError
 from streamgroup.keys import StreamKeys
-from streamgroup.scripts import Scripts
+from streamgroup.redis_errors import is_outage
+from streamgroup.scripts import SCRIPT_MAX_FIELDS, Scripts
 from streamgroup.settings import Settings
 from support.cluster import DevCluster, wait_for
 from support.handsent import ids_of, read_command, send_by_hand
@@ -75,14 +76,14 @@ def test_every_script_runs_on_the_node_of_a_hash_tagged_stream(cluster_url, clus
         try:
             scripts = Scripts(client, keys)
             await streams.ensure_group(client, keys)
-            assert await scripts.add_batch(["n"], [["1"], ["2"], ["3"]]) == 3
+            assert await scripts.add_batch("run1", 1, ["n"], [["1"], ["2"], ["3"]]) == 3
             reply = await client.xreadgroup(GROUP, "c1", {keys.stream: ">"}, count=10)
             ids = [entry[0].decode() for entry in reply[0][1]]
             assert await scripts.renew_lease("c1", ids) == 3
-            assert await scripts.dead_letter([(ids[0], [b"n", b"1", b"why", b"poison"])]) == 1
+            assert await scripts.dead_letter("c1", [(ids[0], [b"n", b"1", b"why", b"poison"])]) == {ids[0]}
             assert await client.xlen(keys.dead_letter) == 1
             cursor, claimed, deleted = await streams.autoclaim(client, keys, "c1", 0, "0-0", 10)
-            assert ([entry[0].decode() for entry in claimed], deleted) == (ids[1:], [])
+            assert (claimed, deleted) == (ids[1:], [])
             assert await scripts.release_or_leave("c1", 1000) == (2, False)
             await client.xack(keys.stream, GROUP, *ids[1:])
             assert await scripts.delete_if_idle("c1", 0) is True
@@ -165,7 +166,9 @@ def test_a_hand_sent_read_follows_moved_and_ask_while_its_slot_moves(cluster_url
     async def main() -> None:
         client = await topology.create_client(Settings(redis_url=cluster_url, stream=name))
         connections = topology.KeyConnections(client)
-        scripts = Scripts(client, _keys(name))
+        # A client of its own for the scripts: its redirects must not refresh the readers' slot map.
+        script_client = await topology.create_client(Settings(redis_url=cluster_url, stream=name))
+        scripts = Scripts(script_client, _keys(name))
         try:
             await streams.ensure_group(client, _keys(name))
             first = (await client.xadd(name, {"n": "0"})).decode()
@@ -178,18 +181,26 @@ def test_a_hand_sent_read_follows_moved_and_ask_while_its_slot_moves(cluster_url
             redirects: list[str] = []
             reply = await send_by_hand(connections, name, [read_command(name, GROUP, "c1")], redirects)
             assert (ids_of(reply), redirects) == ([first], ["AskError"])
-            # redis-py follows ASK for the scripts too (EVALSHA with ASKING on the target).
-            assert await scripts.add_batch(["n"], [["1"]]) == 1
+            # The producer's batch script declares the stream and its run marker: mid-migration
+            # the target answers TRYAGAIN (the marker is on neither node yet) until the slot is
+            # assigned, and redis-py gives up with a ClusterError: an outage the producer retries.
+            with pytest.raises(Exception) as failed:
+                await scripts.add_batch("run1", 1, ["n"], [["1"]])
+            assert is_outage(failed.value), repr(failed.value)
 
             cluster.finish_slot_move(slot, target)
+            with cluster.client(target) as node:  # not through the cluster client: its slot map stays stale
+                node.xadd(name, {"n": "2"})
             redirects.clear()
             reply = await send_by_hand(connections, name, [read_command(name, GROUP, "c1")], redirects)
             assert len(ids_of(reply)) == 1 and redirects == ["MovedError"]
             lease = await connections.acquire(name)
             assert lease.node.port == target
             await connections.release(lease)
+            assert await scripts.add_batch("run1", 1, ["n"], [["1"]]) == 1
         finally:
             await client.aclose()
+            await script_client.aclose()
 
     _run(main())
 
@@ -296,8 +307,8 @@ def test_the_client_recovers_after_a_primary_is_killed(fresh_cluster: DevCluster
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_cluster_with_no_node_reachable_raises_an_outage(kind: str) -> None:
-    """redis-py raises RedisClusterException, which is not a RedisError: the services must count
-    it as an outage (topology.CLUSTER_OUTAGES), at start and later."""
+    """redis-py raises RedisClusterException, which is not a RedisError, or a ConnectionError on
+    the connection it had: the services must count either as an outage, at start and later."""
     with DevCluster(kind, replicas=0) as cluster:
 
         async def main() -> None:
@@ -307,8 +318,9 @@ def test_a_cluster_with_no_node_reachable_raises_an_outage(kind: str) -> None:
                 await client.xadd("{o}", {"n": "1"})
                 for node in cluster.nodes:
                     node.kill()
-                with pytest.raises(topology.CLUSTER_OUTAGES):
+                with pytest.raises(Exception) as failed:
                     await client.xlen("{o}")
+                assert is_outage(failed.value), repr(failed.value)
             finally:
                 await client.aclose()
             fresh = topology.build_client(settings, "cluster")
@@ -361,3 +373,25 @@ def _manual_failover(cluster: DevCluster, primary: int) -> None:
         client.execute_command("CLUSTER", "FAILOVER")
     wait_for(lambda: cluster.primary_ports().count(replica) == 1, "the replica to take over")
     cluster.wait_healthy()
+
+
+def test_an_entry_too_wide_for_a_script_is_dead_lettered_on_a_cluster(cluster_url, cluster) -> None:
+    """The wide path (XADD + check script in one MULTI/EXEC) on the stream's node: a cluster
+    pipeline refuses `evalsha` by name, so the script goes as a plain EVALSHA command."""
+    keys = _keys("{wide}")
+
+    async def main() -> None:
+        client = await topology.create_client(Settings(redis_url=cluster_url, stream=keys.stream))
+        try:
+            await streams.ensure_group(client, keys)
+            fields = {f"f{n}": "v" for n in range(SCRIPT_MAX_FIELDS)}
+            entry_id = (await client.xadd(keys.stream, fields)).decode()
+            await client.xreadgroup(GROUP, "c1", {keys.stream: ">"})
+            flat = [part for pair in fields.items() for part in pair] + ["x-streamgroup-original-id", entry_id]
+            assert await Scripts(client, keys).dead_letter("c1", [(entry_id, flat)]) == {entry_id}
+            assert await client.xlen(keys.dead_letter) == 1
+            assert (await client.xpending(keys.stream, GROUP))["pending"] == 0
+        finally:
+            await client.aclose()
+
+    _run(main())

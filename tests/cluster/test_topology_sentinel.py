@@ -54,9 +54,9 @@ def test_the_client_finds_the_primary_and_follows_a_failover(sentinel_group: Dev
             assert await _served_by(client) == sentinel_group.primary_port()
             await streams.ensure_group(client, KEYS)
             scripts = Scripts(client, KEYS)
-            assert await scripts.add_batch(["n"], [["1"], ["2"]]) == 2
+            assert await scripts.add_batch("run1", 1, ["n"], [["1"], ["2"]]) == 2
             first, second = ids_of(await send_by_hand(connections, KEYS.stream, [read_command(KEYS.stream, "g", "c1")]))
-            assert await scripts.dead_letter([(first, [b"n", b"1"])]) == 1
+            assert await scripts.dead_letter("c1", [(first, [b"n", b"1"])]) == {first}
             await client.wait(1, 5000)
 
             old, new = await asyncio.get_running_loop().run_in_executor(None, sentinel_group.failover)

@@ -391,3 +391,59 @@ class DevSentinel:
         if settle:
             self.wait_settled(new)
         return old, new
+
+
+# -- accounting across a failover ------------------------------------------------------------
+
+ORIGINAL_ID = "x-streamgroup-original-id"
+
+
+@dataclass
+class Tally:
+    """Every message of a run, after a fault: what the producer was told Redis added, what Redis
+    kept, what the handlers recorded (on a server outside the fault) and what was dead-lettered."""
+
+    promised: int  # entries the producer was told were added (it exited 0 after MAX_MESSAGES)
+    kept: dict[str, tuple[str, str, str]]  # id -> (run, producer, serial) of what the stream holds
+    handled: dict[str, int]  # id -> successful handler runs
+    dead: set[str]  # original ids of the dead-letter stream's entries
+
+    @property
+    def lost_by_redis(self) -> int:
+        """Added and acknowledged to the producer, then gone: asynchronous replication's loss."""
+        return self.promised - len(set(self.kept.values()))
+
+    @property
+    def lost_by_us(self) -> set[str]:
+        """Kept by Redis, yet neither handled nor dead-lettered."""
+        return set(self.kept) - set(self.handled) - self.dead
+
+    @property
+    def duplicated(self) -> int:
+        return sum(count - 1 for count in self.handled.values() if count > 1)
+
+    @property
+    def handled_then_lost(self) -> int:
+        """Handled, then lost by Redis with the rest of what the old primary had not passed on."""
+        return len(set(self.handled) - set(self.kept))
+
+    def summary(self, what: str) -> str:
+        return (
+            f"{what}: produced {self.promised}, kept by Redis {len(self.kept)}, handled "
+            f"{len(set(self.handled) & set(self.kept))}, dead-lettered {len(self.dead)}, duplicated "
+            f"{self.duplicated}, lost by Redis {self.lost_by_redis} (of which handled before the loss "
+            f"{self.handled_then_lost}), lost by us {len(self.lost_by_us)}"
+        )
+
+
+def tally(
+    data: redis.Redis | redis.RedisCluster, recorder: redis.Redis, stream: str, dead: str, promised: int
+) -> Tally:
+    """`data`: a client (decode_responses) of the services' Redis; `recorder`: the handlers' record."""
+    kept = {entry_id: (f["run"], f["producer"], f["serial"]) for entry_id, f in data.xrange(stream)}
+    handled: dict[str, int] = {}
+    for row in recorder.lrange("done-by", 0, -1):
+        entry_id = row.split(" ")[1]
+        handled[entry_id] = handled.get(entry_id, 0) + 1
+    dead_ids = {fields[ORIGINAL_ID] for _, fields in data.xrange(dead)} if data.exists(dead) else set()
+    return Tally(promised, kept, handled, dead_ids)

@@ -1,0 +1,250 @@
+"""The real services on a Redis Cluster (3 primaries, a replica each) and through Sentinel: every
+message handled or dead-lettered as on one server, and nothing lost by the services when the
+stream's primary is killed, when Sentinel fails over, and when the stream's slot is resharded
+under load. Run with `-s` to see the figures (docs/reliability.md quotes them).
+
+What Redis itself loses in a failover (entries it acknowledged to the producer that its replica
+never got: replication is asynchronous) is counted apart from what the services lose, which must
+be nothing of what Redis kept."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+from redis.crc import key_slot
+
+from streamgroup.devserver import DevServer
+from support.cluster import DevCluster, DevSentinel, Tally, tally, wait_for
+from support.processes import ServiceProcess, Services, service_env
+
+STREAM = "{orders}"
+DEAD = "{orders}:dead"
+POISON_EVERY = 50  # serials that are multiples of this are poison (support.handlers.poison_some)
+
+
+def _common(recorder_server: DevServer, stream: str = STREAM) -> dict[str, object]:
+    return {
+        "STREAM": stream,
+        "HANDLER": "support.handlers:poison_some",
+        "TESTHANDLER_FAIL_MOD": POISON_EVERY,
+        "TESTHANDLER_REDIS_URL": recorder_server.url,
+        "BLOCK_MS": 500,
+        "CLAIM_MIN_IDLE_MS": 3000,
+        "RECLAIM_INTERVAL_MS": 500,
+    }
+
+
+def _start_group(services: Services, common: dict[str, object], **producer: object) -> list[ServiceProcess]:
+    """Three consumers, a reclaimer and a producer; returns them, the producer last."""
+    started = [services.start("consumer", name=f"consumer-{n}", metrics=True, **common) for n in "abc"]
+    started.append(services.start("reclaimer", name="reclaimer", metrics=True, **common))
+    started.append(services.start("producer", name="producer", metrics=True, **common, **producer))
+    return started
+
+
+class Readiness:
+    """Samples /readyz of running services: how many times each went not-ready, for how long."""
+
+    def __init__(self, processes: list[ServiceProcess]) -> None:
+        self._processes = processes
+        self.not_ready_seconds = {p.log_path.stem: 0.0 for p in processes}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> Readiness:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _watch(self) -> None:
+        interval = 0.2
+        while not self._stop.wait(interval):
+            for proc in self._processes:
+                if not proc.alive():
+                    continue
+                try:
+                    ready = proc.get("/readyz")[0] == 200
+                except OSError:
+                    ready = False
+                if not ready:
+                    self.not_ready_seconds[proc.log_path.stem] += interval
+
+    def summary(self) -> str:
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.not_ready_seconds.items())
+
+
+def _finish(
+    started: list[ServiceProcess], data: Callable[[], redis.Redis | redis.RedisCluster], recorder: redis.Redis,
+    promised: int, stream: str = STREAM, dead: str = DEAD,
+) -> Tally:  # fmt: skip
+    """Wait for the producer to finish and every kept entry to be handled or dead-lettered; check
+    no service exited; stop them all (exit 0). Returns the tally."""
+    producer, others = started[-1], started[:-1]
+    assert producer.wait(240) == 0, "the producer finished its messages"
+
+    def settled() -> Tally | None:
+        with data() as client:
+            result = tally(client, recorder, stream, dead, promised)
+        return result if not result.lost_by_us else None
+
+    try:
+        result = wait_for(settled, "every kept entry handled or dead-lettered", timeout=180)
+    except TimeoutError:
+        with data() as client:
+            print(tally(client, recorder, stream, dead, promised).summary("unsettled"))
+        raise
+    for proc in others:
+        assert proc.alive(), f"{proc.log_path.stem} exited:\n{proc.output[-3000:]}"
+    wait_for(lambda: all(p.get("/readyz")[0] == 200 for p in others), "every service ready again")
+    for proc in others:
+        assert proc.stop(60) == 0, proc.output[-3000:]
+    return result
+
+
+def test_services_on_a_cluster_handle_everything_and_keep_every_key_in_the_streams_slot(
+    cluster_url: str, cluster: DevCluster, recorder: redis.Redis, recorder_server: DevServer, services_on
+) -> None:
+    services: Services = services_on(cluster_url)
+    started = _start_group(services, _common(recorder_server), PRODUCERS=5, PRODUCER_INTERVAL_MS=10, MAX_MESSAGES=1500)
+    result = _finish(started, cluster.cluster_client, recorder, promised=1500)
+    print("\n" + result.summary(f"cluster ({cluster.kind}), no fault"))
+    assert len(result.kept) == 1500 and result.lost_by_redis == 0
+    poison = {i for i, (_, _, serial) in result.kept.items() if int(serial) % POISON_EVERY == 0}
+    assert result.dead == poison and len(poison) == 30
+    assert set(result.handled) == set(result.kept) - poison and result.duplicated == 0
+
+    # Every key the scripts touch together is on the stream's node, in the stream's slot: the
+    # dead letters, the producer's run marker and the consumer-name leases.
+    owner, slot = cluster.owner_of(STREAM), cluster.slot_of(STREAM)
+    with cluster.client(owner) as node:
+        keys = set(node.keys("{orders}*"))
+        assert DEAD in keys and node.xlen(DEAD) == 30
+        assert any(":producer-run:" in key for key in keys)
+        for key in keys:
+            assert int(node.execute_command("CLUSTER", "KEYSLOT", key)) == slot == key_slot(key.encode())
+
+    # The dead-letters command on the cluster: list them, replay them all to the stream (one
+    # script per entry on both keys of the slot), and the dead-letter stream is empty.
+    listed = _cli(cluster_url, "dead-letters", "list", "--json")
+    assert sorted(row["original_id"] for row in json.loads(listed)) == sorted(poison)
+    _cli(cluster_url, "dead-letters", "replay", "--all", "--yes")
+    with cluster.cluster_client() as client:
+        assert client.xlen(DEAD) == 0 and client.xlen(STREAM) == 1500 + 30
+
+
+def _cli(url: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "streamgroup", *args],
+        env=service_env(url, STREAM=STREAM), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_stream_without_a_hash_tag_on_a_cluster_refuses_to_start_and_says_how_to_fix_it(
+    cluster_url: str, services_on
+) -> None:
+    services: Services = services_on(cluster_url)
+    consumer = services.start("consumer", STREAM="orders", HANDLER="support.handlers:record")
+    assert consumer.wait(60) == 2
+    assert "STREAMGROUP_STREAM={orders}" in consumer.output and "orders:dead" in consumer.output
+
+
+@pytest.mark.parametrize("kind", ["redis"])  # Valkey: same client path; see docs/reliability.md
+def test_killing_the_streams_primary_under_load_loses_nothing_redis_kept(
+    kind: str, recorder: redis.Redis, recorder_server: DevServer, services_on
+) -> None:
+    with DevCluster(kind) as cluster:
+        services: Services = services_on(cluster.url)
+        started = _start_group(
+            services, _common(recorder_server), PRODUCERS=10, PRODUCER_INTERVAL_MS=50, MAX_MESSAGES=4000
+        )
+        with Readiness(started) as readiness:
+            wait_for(lambda: recorder.llen("done-by") >= 1000, "the group at work")
+            killed, promoted = cluster.kill_primary_of(STREAM)
+            result = _finish(started, cluster.cluster_client, recorder, promised=4000)
+        print("\n" + result.summary(f"cluster ({kind}), primary {killed} killed, {promoted} promoted"))
+        print("not ready for:", readiness.summary())
+        assert not result.lost_by_us
+        poison = {i for i, (_, _, serial) in result.kept.items() if int(serial) % POISON_EVERY == 0}
+        assert poison <= result.dead
+
+
+@pytest.mark.parametrize("kind", ["redis"])  # Valkey: same client path; see docs/reliability.md
+def test_sentinel_failover_under_load_loses_nothing_redis_kept(
+    kind: str, recorder: redis.Redis, recorder_server: DevServer, services_on
+) -> None:
+    with DevSentinel(kind) as group:
+        services: Services = services_on(group.url)
+        common = {
+            **_common(recorder_server),
+            "REDIS_SENTINELS": group.addresses,
+            "REDIS_SENTINEL_MASTER": group.master_name,
+        }
+        started = _start_group(services, common, PRODUCERS=10, PRODUCER_INTERVAL_MS=50, MAX_MESSAGES=4000)
+        with Readiness(started) as readiness:
+            wait_for(lambda: recorder.llen("done-by") >= 1000, "the group at work")
+            old, new = group.failover()
+            result = _finish(
+                started, lambda: redis.Redis(port=group.primary_port(), decode_responses=True), recorder, 4000
+            )
+        print("\n" + result.summary(f"sentinel ({kind}), SENTINEL FAILOVER {old} -> {new}"))
+        print("not ready for:", readiness.summary())
+        assert not result.lost_by_us
+        poison = {i for i, (_, _, serial) in result.kept.items() if int(serial) % POISON_EVERY == 0}
+        assert poison <= result.dead
+
+
+def _stream_on_the_first_slot_of(cluster: DevCluster, owner: int) -> str:
+    """A hash-tagged stream name in the lowest slot `owner` serves: the first `redis-cli --cluster
+    reshard` moves from it."""
+    with cluster.client() as client:
+        slots = client.execute_command("CLUSTER", "SLOTS")
+    first = min(int(start) for start, _end, primary, *_ in slots if int(primary[1]) == owner)
+    n = 0
+    while key_slot(f"{{s{n}}}".encode()) != first:
+        n += 1
+    return f"{{s{n}}}"
+
+
+def test_resharding_the_streams_slot_under_load_with_redis_cli_loses_nothing(
+    cluster_url: str, cluster: DevCluster, recorder: redis.Redis, recorder_server: DevServer, services_on
+) -> None:
+    primaries = cluster.primary_ports()
+    stream = _stream_on_the_first_slot_of(cluster, primaries[0])
+    dead = f"{stream}:dead"
+    services: Services = services_on(cluster_url)
+    started = _start_group(
+        services, _common(recorder_server, stream), PRODUCERS=10, PRODUCER_INTERVAL_MS=50, MAX_MESSAGES=4000
+    )
+    moves = []
+    with Readiness(started) as readiness:
+        wait_for(lambda: recorder.llen("done-by") >= 500, "the group at work")
+        # There with redis-cli (it moves the source's lowest slots first: the stream's), and back
+        # step by step as redis-cli does it (SETSLOT IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE).
+        source, target = primaries[0], primaries[1]
+        assert cluster.owner_of(stream) == source
+        cluster.reshard(source, target, 1)
+        assert cluster.owner_of(stream) == target
+        moves.append(f"{source}->{target} (redis-cli --cluster reshard)")
+        time.sleep(2)
+        cluster.move_slot_of(stream, source)
+        assert cluster.owner_of(stream) == source
+        moves.append(f"{target}->{source} (SETSLOT/MIGRATE)")
+        result = _finish(started, cluster.cluster_client, recorder, promised=4000, stream=stream, dead=dead)
+    print("\n" + result.summary(f"cluster ({cluster.kind}), stream {stream} resharded {' '.join(moves)}"))
+    print("not ready for:", readiness.summary())
+    assert not result.lost_by_us and result.lost_by_redis == 0 and len(result.kept) == 4000
+    assert any("the stream's slot moved" in proc.output for proc in started[:3]), "a read was redirected"
+    poison = {i for i, (_, _, serial) in result.kept.items() if int(serial) % POISON_EVERY == 0}
+    assert result.dead == poison
