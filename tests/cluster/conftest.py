@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from streamgroup.devserver import KINDS, DevServer
-from support.cluster import DevCluster, DevSentinel
+from streamgroup.devserver import DevServer
+from support.cluster import CLUSTER_KINDS, FAULT_KINDS, DevCluster, DevSentinel
 from support.processes import Services
 
 
-@pytest.fixture(scope="session", params=KINDS)
+@pytest.fixture(scope="session", params=CLUSTER_KINDS)
 def cluster(request: pytest.FixtureRequest) -> Iterator[DevCluster]:
     """One cluster of each kind for the session, for tests that leave it whole (slots may move)."""
     with DevCluster(request.param) as running:
@@ -32,14 +32,14 @@ def cluster_url(cluster: DevCluster) -> str:
     return cluster.url
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=FAULT_KINDS)
 def fresh_cluster(request: pytest.FixtureRequest) -> Iterator[DevCluster]:
     """A cluster of its own, for a test that kills a node."""
     with DevCluster(request.param) as running:
         yield running
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=FAULT_KINDS)
 def sentinel_group(request: pytest.FixtureRequest) -> Iterator[DevSentinel]:
     """A Sentinel group of its own (a failover changes which server is the primary)."""
     with DevSentinel(request.param) as running:

@@ -25,6 +25,7 @@ from streamgroup_producer.__main__ import Producer
 from streamgroup_reclaimer.__main__ import Reclaimer
 from support import inprocess_handlers
 from support.cluster import DevCluster
+from test_shards import run_end_to_end
 
 SHARDS, PRODUCERS, MESSAGES = 6, 5, 300
 
@@ -117,3 +118,13 @@ def test_six_shards_on_a_cluster(cluster_url: str, cluster: DevCluster) -> None:
             assert fields["x-streamgroup-stream"] == keys.stream, "dead-lettered in its own shard"
             dead.add((keys.stream, fields["x-streamgroup-original-id"]))
     assert dead == poison
+
+
+def test_six_shards_end_to_end_with_processes_on_a_cluster(
+    cluster_url: str, cluster: DevCluster, recorder_server, recorder, services_on
+) -> None:
+    """Producer, three consumers and the reclaimer as processes, SHARDS=6 over the cluster's nodes:
+    every message handled once or dead-lettered in its own shard, each partition value in order."""
+    run_end_to_end(
+        services_on(cluster_url), cluster.cluster_client(), recorder, SHARDS, TESTHANDLER_REDIS_URL=recorder_server.url
+    )

@@ -13,13 +13,12 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from streamgroup import groupstats, streams, topology
-from streamgroup.devserver import KINDS
 from streamgroup.errors import EXIT_CONFIG, ConfigError
 from streamgroup.keys import StreamKeys
 from streamgroup.redis_errors import is_outage
 from streamgroup.scripts import SCRIPT_MAX_FIELDS, Scripts
 from streamgroup.settings import Settings
-from support.cluster import DevCluster, wait_for
+from support.cluster import FAULT_KINDS, DevCluster, wait_for
 from support.handsent import ids_of, read_command, send_by_hand
 
 GROUP = "g"
@@ -305,7 +304,7 @@ def test_the_client_recovers_after_a_primary_is_killed(fresh_cluster: DevCluster
     print("errors seen while the primary was down:", sorted(set(errors)))
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", FAULT_KINDS)
 def test_a_cluster_with_no_node_reachable_raises_an_outage(kind: str) -> None:
     """redis-py raises RedisClusterException, which is not a RedisError, or a ConnectionError on
     the connection it had: the services must count either as an outage, at start and later."""

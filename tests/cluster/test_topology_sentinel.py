@@ -10,11 +10,10 @@ import redis
 from redis.exceptions import RedisError
 
 from streamgroup import streams, topology
-from streamgroup.devserver import KINDS
 from streamgroup.keys import StreamKeys
 from streamgroup.scripts import Scripts
 from streamgroup.settings import Settings
-from support.cluster import UNDEMOTABLE, DevSentinel
+from support.cluster import FAULT_KINDS, UNDEMOTABLE, DevSentinel
 from support.handsent import ids_of, read_command, send_by_hand
 
 KEYS = StreamKeys("orders", "g", "orders:dead")
@@ -77,7 +76,7 @@ def test_the_client_finds_the_primary_and_follows_a_failover(sentinel_group: Dev
     print("errors seen during the failover:", sorted(set(errors)))
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", FAULT_KINDS)
 def test_the_client_leaves_an_old_primary_that_still_takes_writes(kind: str) -> None:
     """Sentinel announces the new primary at once but demotes the old one later (here: never).
     A client that waited for the old primary to refuse writes would write into a server whose
