@@ -21,6 +21,7 @@ from streamgroup import topology
 from streamgroup.backoff import Backoff
 from streamgroup.connection import check_server
 from streamgroup.errors import EXIT_OK, ConfigError, RedisRefusedError
+from streamgroup.handlers import load_handler
 from streamgroup.health import start_http_server
 from streamgroup.keys import StreamKeys, read_shards
 from streamgroup.logs import configure_logging, get_logger
@@ -87,10 +88,16 @@ class Worker(Protocol):
         """Last words before exit (hand-off of anything still held)."""
 
 
-def run(name: str, make_worker: Callable[[Service], Worker], group_metrics: bool = False) -> NoReturn:
-    """Entry point body of every service: never returns, exits with a code that tells what happened."""
+def run(
+    name: str, make_worker: Callable[[Service], Worker], group_metrics: bool = False, handles_messages: bool = False
+) -> NoReturn:
+    """Entry point body of every service: never returns, exits with a code that tells what happened.
+    `handles_messages`: the worker calls STREAMGROUP_HANDLER, which is imported here, so a handler
+    that cannot be loaded is a configuration error at once, not once Redis answers."""
     try:
         settings = load_settings()
+        if handles_messages:
+            load_handler(settings.handler)
     except ConfigError as exc:
         _print_config_errors(name, exc)
         sys.exit(exc.exit_code)

@@ -279,7 +279,7 @@ class Consumer:
 
 
 def main() -> None:
-    runtime.run("streamgroup-consumer", Consumer)
+    runtime.run("streamgroup-consumer", Consumer, handles_messages=True)
 
 
 if __name__ == "__main__":

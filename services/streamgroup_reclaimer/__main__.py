@@ -233,7 +233,7 @@ class Reclaimer:
 
 
 def main() -> None:
-    runtime.run("streamgroup-reclaimer", Reclaimer, group_metrics=True)
+    runtime.run("streamgroup-reclaimer", Reclaimer, group_metrics=True, handles_messages=True)
 
 
 if __name__ == "__main__":
