@@ -30,6 +30,7 @@ from streamgroup import deadletters, groupstats
 from streamgroup.connection import check_server
 from streamgroup.errors import EXIT_CONFIG, EXIT_UNEXPECTED, ConfigError, RedisRefusedError
 from streamgroup.keys import StreamKeys, read_shards
+from streamgroup.redis_errors import classify, refusal_text
 from streamgroup.settings import Settings, load_settings
 from streamgroup.topology import CLUSTER_OUTAGES, create_client
 
@@ -493,8 +494,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"streamgroup: {exc}", file=sys.stderr)
         code = exc.exit_code
     except (RedisConnectionError, RedisTimeoutError, OSError, *CLUSTER_OUTAGES) as exc:
-        print(f"streamgroup: cannot reach redis: {exc}", file=sys.stderr)
-        code = EXIT_UNREACHABLE
+        verdict = classify(exc)
+        if verdict is not None and verdict.refused:  # a wrong password is a ConnectionError to redis-py
+            print(f"streamgroup: Redis refused us: {refusal_text(exc)}", file=sys.stderr)
+            code = RedisRefusedError.exit_code
+        else:
+            print(f"streamgroup: cannot reach redis: {exc}", file=sys.stderr)
+            code = EXIT_UNREACHABLE
     except Exception as exc:  # a CLI prints one line, not a traceback
         print(f"streamgroup: {type(exc).__name__}: {exc}", file=sys.stderr)
         code = EXIT_UNEXPECTED
