@@ -20,6 +20,7 @@ from streamgroup.cli import Target, _collect
 from streamgroup.keys import read_shards, shard_of
 from streamgroup.metrics import Metrics
 from streamgroup.service import Service
+from streamgroup.service import _serve as serve
 from streamgroup.settings import Settings
 from streamgroup_producer.__main__ import Producer
 from streamgroup_reclaimer.__main__ import Reclaimer
@@ -79,7 +80,9 @@ def test_six_shards_on_a_cluster(cluster_url: str, cluster: DevCluster) -> None:
     async def reclaim() -> None:
         service = await _service(settings, "reclaimer", group_level=True)
         reclaimer = Reclaimer(service)
-        task = asyncio.create_task(reclaimer.run())
+        # Run as the service runs it: an outage (a node dropping a fresh connection, seen here under
+        # load) is waited out with backoff and the run started again, not the end of the process.
+        task = asyncio.create_task(serve(service, reclaimer))
         try:
             loop = asyncio.get_running_loop()
             settled = lambda: all(data.xpending(k.stream, k.group)["pending"] == 0 for k in layout)  # noqa: E731
