@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ import redis
 import yaml
 
 from streamgroup.devserver import free_port as _free_port
+from support.processes import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(900)
@@ -69,7 +69,7 @@ class Redis:
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
              "--appendonly", "yes", "--save", "", "--logfile", str(self.directory / "redis.log")]
         )  # fmt: skip
-        _wait(lambda: self._pings(), 20, "redis-server up")
+        wait_for(lambda: self._pings(), 20, interval=0.5, what="redis-server up")
         return self
 
     def _pings(self) -> bool:
@@ -92,17 +92,6 @@ def kube_redis(tmp_path: Path) -> Iterator[Redis]:
         yield server
     finally:
         server.stop()
-
-
-def _wait(condition, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def _values_file(name: str) -> dict:
@@ -190,7 +179,9 @@ def _play(podman, objects: list[dict], tmp_path: Path, plays: list[tuple[str, st
         play_file.write_text(yaml.safe_dump(deployment))
         podman.run("kube", "play", *map_files, str(play_file), timeout=180)
         entry = Played(name, component, port, probes)
-        entry.pod = _wait(lambda entry=entry: _podman_ready_pods(podman, entry), 60, f"pod of {name}")
+        entry.pod = wait_for(
+            lambda entry=entry: _podman_ready_pods(podman, entry), 60, interval=0.5, what=f"pod of {name}"
+        )
         played.append(entry)
     return played
 
@@ -244,7 +235,9 @@ def _run_release(podman, image: str, kube_redis: Redis, tmp_path: Path, values_n
 
         # Every process answers its probes' requests: alive and, connected to Redis, ready.
         for entry in played:
-            _wait(lambda entry=entry: _probe(entry, "readinessProbe") == 200, 60, f"{entry.name} ready")
+            wait_for(
+                lambda entry=entry: _probe(entry, "readinessProbe") == 200, 60, interval=0.5, what=f"{entry.name} ready"
+            )
             assert _probe(entry, "livenessProbe") == 200
 
         # Messages flow end to end, through both consumers, named after their pods (downward API).
@@ -255,7 +248,7 @@ def _run_release(podman, image: str, kube_redis: Redis, tmp_path: Path, values_n
                 and client.xinfo_groups(STREAM)[0]["entries-read"] > 50
             )
 
-        _wait(flowing, 90, "messages consumed by both consumer pods")
+        wait_for(flowing, 90, interval=0.5, what="messages consumed by both consumer pods")
         assert {c["name"] for c in client.xinfo_consumers(STREAM, GROUP)} == {c.pod for c in consumers}
 
         # The security context holds, and tini is PID 1 with the service as its child.
@@ -273,17 +266,27 @@ def _run_release(podman, image: str, kube_redis: Redis, tmp_path: Path, values_n
         # Redis stops: readiness drops, liveness stays (no restart for an outage); back, ready again.
         kube_redis.stop()
         for entry in played:
-            _wait(lambda entry=entry: _probe(entry, "readinessProbe") == 503, 60, f"{entry.name} not ready")
+            wait_for(
+                lambda entry=entry: _probe(entry, "readinessProbe") == 503,
+                60,
+                interval=0.5,
+                what=f"{entry.name} not ready",
+            )
             assert _probe(entry, "livenessProbe") == 200, entry.name
         kube_redis.start()
         for entry in played:
-            _wait(lambda entry=entry: _probe(entry, "readinessProbe") == 200, 90, f"{entry.name} ready again")
+            wait_for(
+                lambda entry=entry: _probe(entry, "readinessProbe") == 200,
+                90,
+                interval=0.5,
+                what=f"{entry.name} ready again",
+            )
 
         # No new work; the consumers catch up, then stop within the grace period: exit 0, nothing
         # left pending.
         podman.run("pod", "stop", "-t", str(grace), played[2].pod, timeout=grace + 60)
         client = kube_redis.client()
-        _wait(lambda: client.xinfo_groups(STREAM)[0]["lag"] == 0, 90, "consumers caught up")
+        wait_for(lambda: client.xinfo_groups(STREAM)[0]["lag"] == 0, 90, interval=0.5, what="consumers caught up")
         for consumer in consumers:
             podman.run("pod", "stop", "-t", str(grace), consumer.pod, timeout=grace + 60)
             state = _inspect(podman, consumer.container)["State"]
