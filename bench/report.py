@@ -230,13 +230,16 @@ def markdown(report: Report, command: str, date: str, chart_name: str | None) ->
 
 
 SHARDS_NOTE = """
-Read these as the cost of sharding, not its gain: every shard here is a key on the one server,
-and one consumer process reads them all (a reader per shard in one event loop), so the server and
-the consumer do the same work in more, smaller calls. What sharding buys is room on more nodes:
-on a Redis Cluster each node serves only its shards, so the per-message server cost above is
-spread over the nodes, and consumers scale with processes, not with one process's shards. The
-bench runs against one server; the nodes line and the per-node CPU figures are where a cluster
-run would show each node's share.
+Two placements, run in turn. On one server every shard is a key on the same server, so those rows
+show what sharding costs: the server and the consumer do the same work in more, smaller calls. On
+the 3-node cluster each shard has a node of its own, and the per-node figures show each node
+carrying only its shards' share; the other nodes spend only the cluster bus and housekeeping.
+This machine has 2 cores for three Redis nodes, the producer, the consumer and the harness, so
+end-to-end throughput cannot grow with shards here, and one consumer process reading every shard
+caps every row anyway. What the cluster rows do show is the server side: "N nodes ... N x" is one
+node's capacity (one core) divided by the server CPU a message costs summed over all nodes, the
+rate at which N nodes with one shard each would be full. Past one consumer process's rate, add
+consumer replicas: every consumer reads every shard.
 """
 
 

@@ -1,4 +1,5 @@
-"""The five measurements of issue 5, against one private Debian redis-server 7.0.
+"""The five measurements of issue 5, against one private Debian redis-server 7.0 (the shards
+section adds a 3-node Redis Cluster of its own: bench/shards.py).
 
 How time is taken, the same for every approach: the harness polls the server every 2 ms from its
 own connection (XINFO GROUPS for consumers, XLEN for producers). A run starts at the last poll
@@ -217,8 +218,8 @@ class Bench:
     def log_path(self, name: str) -> Path:
         return self.workdir / f"{name}.log"
 
-    def service(self, kind: str, name: str, **settings: object) -> Proc:
-        env = service_env(self.url, CONSUMER_NAME=name, **settings)
+    def service(self, kind: str, name: str, url: str | None = None, **settings: object) -> Proc:
+        env = service_env(url or self.url, CONSUMER_NAME=name, **settings)
         return Proc([sys.executable, "-m", MODULES[kind]], env, self.log_path(name))
 
     def loop(self, loop: str, name: str, **args: object) -> Proc:
@@ -240,8 +241,8 @@ class Bench:
             pipe.execute()
             sent += size
 
-    def group_info(self, stream: str, group: str) -> dict:
-        for info in self.r.xinfo_groups(stream):
+    def group_info(self, stream: str, group: str, client: redis.Redis | redis.RedisCluster | None = None) -> dict:
+        for info in (client or self.r).xinfo_groups(stream):
             if info["name"] == group:
                 return info
         raise BenchError(f"group {group} of {stream} does not exist")
@@ -301,11 +302,19 @@ class Bench:
         if info["entries-read"] != total or info["pending"] != 0 or info["lag"] != 0 or summary["pending"] != 0:
             raise BenchError(f"{stream}/{group} not fully acknowledged: {info}, XPENDING {summary}")
 
-    def wait_consumers(self, stream: str, group: str, names: list[str], procs: list[Proc], timeout: float = 60) -> None:
+    def wait_consumers(
+        self,
+        stream: str,
+        group: str,
+        names: list[str],
+        procs: list[Proc],
+        timeout: float = 60,
+        client: redis.Redis | redis.RedisCluster | None = None,
+    ) -> None:
         """Until every consumer has made its first read (it is then blocked waiting for entries)."""
         deadline = time.monotonic() + timeout
         while True:
-            present = {c["name"] for c in self.r.xinfo_consumers(stream, group)}
+            present = {c["name"] for c in (client or self.r).xinfo_consumers(stream, group)}
             if set(names) <= present:
                 time.sleep(0.2)  # the history read is done; let each settle into its blocking read
                 return

@@ -64,10 +64,15 @@ def test_bench_quick_runs_every_section_and_writes_the_report(tmp_path: Path) ->
 
     shards = [name for section, name in results if section == "shards"]
     assert shards == [
-        f"{n} shard{'s' if n > 1 else ''}, {what}"
+        f"{n} shard{'s' if n > 1 else ''} on {placement}, {what}"
         for n in (1, 2, 3)
+        for placement in ("one server", "3-node cluster")
         for what in ("end to end", "Redis CPU per message (busiest node)")
     ]
+    # On the cluster, shard i has node i to itself: n shards leave 3 - n nodes without one.
+    for n in (1, 2, 3):
+        note = results["shards", f"{n} shard{'s' if n > 1 else ''} on 3-node cluster, end to end"]["note"]
+        assert note.count("(shard ") == n and note.count("(no shard)") == 3 - n, note
     assert all(results["shards", name]["messages"] == 2_000 for name in shards)
 
     text = output.read_text()
