@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
@@ -21,18 +22,20 @@ import redis
 from redis.crc import key_slot
 
 from streamgroup.devserver import DevServer
-from support.cluster import DevCluster, DevSentinel, Tally, tally, wait_for
+from streamgroup.keys import StreamKeys, shard_keys
+from support.cluster import FAULT_KINDS, DevCluster, DevSentinel, Tally, tally, wait_for
 from support.processes import ServiceProcess, Services, service_env
 
 STREAM = "{orders}"
 DEAD = "{orders}:dead"
-POISON_EVERY = 50  # serials that are multiples of this are poison (support.handlers.poison_some)
+ONE_SHARD = shard_keys(STREAM, "group", 1)
+POISON_EVERY = 50  # serials that are multiples of this are poison (support.handlers.record_sharded)
 
 
 def _common(recorder_server: DevServer, stream: str = STREAM) -> dict[str, object]:
     return {
         "STREAM": stream,
-        "HANDLER": "support.handlers:poison_some",
+        "HANDLER": "support.handlers:record_sharded",
         "TESTHANDLER_FAIL_MOD": POISON_EVERY,
         "TESTHANDLER_REDIS_URL": recorder_server.url,
         "BLOCK_MS": 500,
@@ -85,7 +88,7 @@ class Readiness:
 
 def _finish(
     started: list[ServiceProcess], data: Callable[[], redis.Redis | redis.RedisCluster], recorder: redis.Redis,
-    promised: int, stream: str = STREAM, dead: str = DEAD,
+    promised: int, shards: list[StreamKeys] = ONE_SHARD,
 ) -> Tally:  # fmt: skip
     """Wait for the producer to finish and every kept entry to be handled or dead-lettered; check
     no service exited; stop them all (exit 0). Returns the tally."""
@@ -94,14 +97,14 @@ def _finish(
 
     def settled() -> Tally | None:
         with data() as client:
-            result = tally(client, recorder, stream, dead, promised)
+            result = tally(client, recorder, shards, promised)
         return result if not result.lost_by_us else None
 
     try:
         result = wait_for(settled, "every kept entry handled or dead-lettered", timeout=180)
     except TimeoutError:
         with data() as client:
-            print(tally(client, recorder, stream, dead, promised).summary("unsettled"))
+            print(tally(client, recorder, shards, promised).summary("unsettled"))
         raise
     for proc in others:
         assert proc.alive(), f"{proc.log_path.stem} exited:\n{proc.output[-3000:]}"
@@ -136,7 +139,7 @@ def test_services_on_a_cluster_handle_everything_and_keep_every_key_in_the_strea
     # The dead-letters command on the cluster: list them, replay them all to the stream (one
     # script per entry on both keys of the slot), and the dead-letter stream is empty.
     listed = _cli(cluster_url, "dead-letters", "list", "--json")
-    assert sorted(row["original_id"] for row in json.loads(listed)) == sorted(poison)
+    assert sorted(row["original_id"] for row in json.loads(listed)) == sorted(entry_id for _, entry_id in poison)
     _cli(cluster_url, "dead-letters", "replay", "--all", "--yes")
     with cluster.cluster_client() as client:
         assert client.xlen(DEAD) == 0 and client.xlen(STREAM) == 1500 + 30
@@ -170,7 +173,7 @@ def test_killing_the_streams_primary_under_load_loses_nothing_redis_kept(
             services, _common(recorder_server), PRODUCERS=10, PRODUCER_INTERVAL_MS=50, MAX_MESSAGES=4000
         )
         with Readiness(started) as readiness:
-            wait_for(lambda: recorder.llen("done-by") >= 1000, "the group at work")
+            wait_for(lambda: recorder.llen("done-sharded") >= 1000, "the group at work")
             killed, promoted = cluster.kill_primary_of(STREAM)
             result = _finish(started, cluster.cluster_client, recorder, promised=4000)
         print("\n" + result.summary(f"cluster ({kind}), primary {killed} killed, {promoted} promoted"))
@@ -193,7 +196,7 @@ def test_sentinel_failover_under_load_loses_nothing_redis_kept(
         }
         started = _start_group(services, common, PRODUCERS=10, PRODUCER_INTERVAL_MS=50, MAX_MESSAGES=4000)
         with Readiness(started) as readiness:
-            wait_for(lambda: recorder.llen("done-by") >= 1000, "the group at work")
+            wait_for(lambda: recorder.llen("done-sharded") >= 1000, "the group at work")
             old, new = group.failover()
             result = _finish(
                 started, lambda: redis.Redis(port=group.primary_port(), decode_responses=True), recorder, 4000
@@ -205,14 +208,14 @@ def test_sentinel_failover_under_load_loses_nothing_redis_kept(
         assert poison <= result.dead
 
 
-def _stream_on_the_first_slot_of(cluster: DevCluster, owner: int) -> str:
-    """A hash-tagged stream name in the lowest slot `owner` serves: the first `redis-cli --cluster
-    reshard` moves from it."""
+def _stream_on_the_first_slot_of(cluster: DevCluster, owner: int, shards: int = 1) -> str:
+    """A hash-tagged stream name whose (first) shard is in the lowest slot `owner` serves: the
+    first `redis-cli --cluster reshard` moves from it."""
     with cluster.client() as client:
         slots = client.execute_command("CLUSTER", "SLOTS")
     first = min(int(start) for start, _end, primary, *_ in slots if int(primary[1]) == owner)
     n = 0
-    while key_slot(f"{{s{n}}}".encode()) != first:
+    while key_slot(shard_keys(f"{{s{n}}}", "group", shards)[0].stream.encode()) != first:
         n += 1
     return f"{{s{n}}}"
 
@@ -222,14 +225,13 @@ def test_resharding_the_streams_slot_under_load_with_redis_cli_loses_nothing(
 ) -> None:
     primaries = cluster.primary_ports()
     stream = _stream_on_the_first_slot_of(cluster, primaries[0])
-    dead = f"{stream}:dead"
     services: Services = services_on(cluster_url)
     started = _start_group(
         services, _common(recorder_server, stream), PRODUCERS=10, PRODUCER_INTERVAL_MS=50, MAX_MESSAGES=4000
     )
     moves = []
     with Readiness(started) as readiness:
-        wait_for(lambda: recorder.llen("done-by") >= 500, "the group at work")
+        wait_for(lambda: recorder.llen("done-sharded") >= 500, "the group at work")
         # There with redis-cli (it moves the source's lowest slots first: the stream's), and back
         # step by step as redis-cli does it (SETSLOT IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE).
         source, target = primaries[0], primaries[1]
@@ -241,10 +243,57 @@ def test_resharding_the_streams_slot_under_load_with_redis_cli_loses_nothing(
         cluster.move_slot_of(stream, source)
         assert cluster.owner_of(stream) == source
         moves.append(f"{target}->{source} (SETSLOT/MIGRATE)")
-        result = _finish(started, cluster.cluster_client, recorder, promised=4000, stream=stream, dead=dead)
+        result = _finish(started, cluster.cluster_client, recorder, 4000, shard_keys(stream, "group", 1))
     print("\n" + result.summary(f"cluster ({cluster.kind}), stream {stream} resharded {' '.join(moves)}"))
     print("not ready for:", readiness.summary())
     assert not result.lost_by_us and result.lost_by_redis == 0 and len(result.kept) == 4000
     assert any("the stream's slot moved" in proc.output for proc in started[:3]), "a read was redirected"
     poison = {i for i, (_, _, serial) in result.kept.items() if int(serial) % POISON_EVERY == 0}
     assert result.dead == poison
+
+
+@pytest.mark.parametrize("kind", FAULT_KINDS)
+def test_sharded_streams_ride_out_resharding_and_a_primary_kill_under_load(
+    kind: str, recorder: redis.Redis, recorder_server: DevServer, services_on
+) -> None:
+    """STREAMGROUP_SHARDS=6 over the three primaries, every shard live: the slot of one shard moved
+    with `redis-cli --cluster reshard`, another shard's slot step by step, then the primary holding
+    the most shards SIGKILLed. Nothing that Redis kept is lost, and every poison message is in its
+    own shard's dead-letter stream."""
+    shards = 6
+    with DevCluster(kind) as cluster:
+        primaries = cluster.primary_ports()
+        stream = _stream_on_the_first_slot_of(cluster, primaries[0], shards)
+        layout = shard_keys(stream, "group", shards)
+        services: Services = services_on(cluster.url)
+        common = {**_common(recorder_server, stream), "SHARDS": shards}
+        started = _start_group(services, common, PRODUCERS=10, PRODUCER_INTERVAL_MS=50, MAX_MESSAGES=6000)
+        events = []
+        with Readiness(started) as readiness:
+            wait_for(lambda: recorder.llen("done-sharded") >= 1000, "the group at work")
+            first = layout[0].stream
+            cluster.reshard(primaries[0], primaries[1], 1)
+            assert cluster.owner_of(first) == primaries[1]
+            events.append(f"{first} {primaries[0]}->{primaries[1]} (redis-cli --cluster reshard)")
+            second = next(keys.stream for keys in layout[1:] if cluster.slot_of(keys.stream) != cluster.slot_of(first))
+            source, target = cluster.move_slot_of(second)
+            events.append(f"{second} {source}->{target} (SETSLOT/MIGRATE)")
+            wait_for(lambda: recorder.llen("done-sharded") >= 2500, "the group at work after the moves")
+            holders = Counter(cluster.owner_of(keys.stream) for keys in layout)
+            busiest = holders.most_common(1)[0][0]
+            killed, promoted = cluster.kill_primary_of(
+                next(k.stream for k in layout if cluster.owner_of(k.stream) == busiest)
+            )
+            events.append(f"primary {killed} ({holders[busiest]} shards) killed, {promoted} promoted")
+            result = _finish(started, cluster.cluster_client, recorder, 6000, layout)
+        print("\n" + result.summary(f"cluster ({kind}), {shards} shards: {'; '.join(events)}"))
+        print("not ready for:", readiness.summary())
+        assert not result.lost_by_us
+        assert {stream for stream, _ in result.kept} == {keys.stream for keys in layout}, "every shard was written"
+        poison = {entry for entry, (_, _, serial) in result.kept.items() if int(serial) % POISON_EVERY == 0}
+        assert poison <= result.dead
+        with cluster.cluster_client() as client:
+            for keys in layout:
+                sources = {fields["x-streamgroup-stream"] for _, fields in client.xrange(keys.dead_letter)}
+                assert sources <= {keys.stream}, f"{keys.dead_letter} holds only its own shard's entries"
+        assert any("the stream's slot moved" in proc.output for proc in started[:3]), "a read was redirected"

@@ -12,13 +12,15 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 
 from streamgroup.devserver import DevServer, free_port, server_binary
+from streamgroup.keys import StreamKeys
 
 NODE_TIMEOUT_MS = 2000  # how long a silent primary takes to be judged failed (then its replica takes over)
 SETTLE_TIMEOUT = 90.0  # generous: the machine is shared and slow
@@ -402,6 +404,10 @@ class DevSentinel:
 # -- accounting across a failover ------------------------------------------------------------
 
 ORIGINAL_ID = "x-streamgroup-original-id"
+SOURCE_STREAM = "x-streamgroup-stream"
+
+
+Entry = tuple[str, str]  # (stream key, entry id): entry ids alone repeat across shards
 
 
 @dataclass
@@ -410,9 +416,9 @@ class Tally:
     kept, what the handlers recorded (on a server outside the fault) and what was dead-lettered."""
 
     promised: int  # entries the producer was told were added (it exited 0 after MAX_MESSAGES)
-    kept: dict[str, tuple[str, str, str]]  # id -> (run, producer, serial) of what the stream holds
-    handled: dict[str, int]  # id -> successful handler runs
-    dead: set[str]  # original ids of the dead-letter stream's entries
+    kept: dict[Entry, tuple[str, str, str]]  # entry -> (run, producer, serial) of what the shards hold
+    handled: dict[Entry, int]  # entry -> successful handler runs
+    dead: set[Entry]  # (source stream, original id) of the dead-letter streams' entries
 
     @property
     def lost_by_redis(self) -> int:
@@ -420,7 +426,7 @@ class Tally:
         return self.promised - len(set(self.kept.values()))
 
     @property
-    def lost_by_us(self) -> set[str]:
+    def lost_by_us(self) -> set[Entry]:
         """Kept by Redis, yet neither handled nor dead-lettered."""
         return set(self.kept) - set(self.handled) - self.dead
 
@@ -443,13 +449,16 @@ class Tally:
 
 
 def tally(
-    data: redis.Redis | redis.RedisCluster, recorder: redis.Redis, stream: str, dead: str, promised: int
+    data: redis.Redis | redis.RedisCluster, recorder: redis.Redis, shards: Sequence[StreamKeys], promised: int
 ) -> Tally:
-    """`data`: a client (decode_responses) of the services' Redis; `recorder`: the handlers' record."""
-    kept = {entry_id: (f["run"], f["producer"], f["serial"]) for entry_id, f in data.xrange(stream)}
-    handled: dict[str, int] = {}
-    for row in recorder.lrange("done-by", 0, -1):
-        entry_id = row.split(" ")[1]
-        handled[entry_id] = handled.get(entry_id, 0) + 1
-    dead_ids = {fields[ORIGINAL_ID] for _, fields in data.xrange(dead)} if data.exists(dead) else set()
-    return Tally(promised, kept, handled, dead_ids)
+    """`data`: a client (decode_responses) of the services' Redis; `recorder`: the record of
+    support.handlers.record_sharded; `shards`: every stream and dead-letter stream of the run."""
+    kept: dict[Entry, tuple[str, str, str]] = {}
+    dead: set[Entry] = set()
+    for keys in shards:
+        for entry_id, fields in data.xrange(keys.stream):
+            kept[(keys.stream, entry_id)] = (fields["run"], fields["producer"], fields["serial"])
+        if data.exists(keys.dead_letter):
+            dead |= {(f[SOURCE_STREAM], f[ORIGINAL_ID]) for _, f in data.xrange(keys.dead_letter)}
+    handled = Counter(tuple(row.split(" ")[1:3]) for row in recorder.lrange("done-sharded", 0, -1))
+    return Tally(promised, kept, dict(handled), dead)
