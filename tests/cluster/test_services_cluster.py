@@ -163,7 +163,7 @@ def test_a_stream_without_a_hash_tag_on_a_cluster_refuses_to_start_and_says_how_
     assert "STREAMGROUP_STREAM={orders}" in consumer.output and "orders:dead" in consumer.output
 
 
-@pytest.mark.parametrize("kind", ["redis"])  # Valkey: same client path; see docs/reliability.md
+@pytest.mark.parametrize("kind", FAULT_KINDS)
 def test_killing_the_streams_primary_under_load_loses_nothing_redis_kept(
     kind: str, recorder: redis.Redis, recorder_server: DevServer, services_on
 ) -> None:
@@ -183,7 +183,7 @@ def test_killing_the_streams_primary_under_load_loses_nothing_redis_kept(
         assert poison <= result.dead
 
 
-@pytest.mark.parametrize("kind", ["redis"])  # Valkey: same client path; see docs/reliability.md
+@pytest.mark.parametrize("kind", FAULT_KINDS)
 def test_sentinel_failover_under_load_loses_nothing_redis_kept(
     kind: str, recorder: redis.Redis, recorder_server: DevServer, services_on
 ) -> None:
