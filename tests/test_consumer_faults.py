@@ -211,8 +211,11 @@ def test_a_process_frozen_past_its_name_lease_stops_reading_when_it_resumes(serv
 def test_a_destroyed_group_is_recreated_where_the_consumer_last_read(services, r) -> None:
     ids = _add(r, 12_000)
     settings = {"HANDLER": "support.handlers:record", "BATCH_SIZE": 100, **FAST_RECLAIM}
-    consumer = services.start("consumer", name="c1", **settings)
+    # The reclaimer runs before the group goes: one that only starts after it (the consumer can
+    # handle a quarter before a slow machine has the reclaimer up) rightly creates it at 0.
     services.start("reclaimer", name="reclaimer", **settings)
+    wait_for(lambda: r.xinfo_groups(STREAM), timeout=30, what="the group, made by the reclaimer")
+    consumer = services.start("consumer", name="c1", **settings)
     wait_for(lambda: r.llen("done-by") > 3000, timeout=120, what="a quarter handled")
     r.xgroup_destroy(STREAM, GROUP)
     wait_for(lambda: set(ids) <= set(ledger(r).done), timeout=180, what="every message handled")
