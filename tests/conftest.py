@@ -47,6 +47,36 @@ def services(redis_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> 
         print(f"\nservice logs of {request.node.name}:\n{started.logs()}")
 
 
+# `make test` runs the suite on two pytest-xdist workers (-n 2; pyproject addopts: --dist loadgroup); each worker
+# has its own session fixtures. A test in an xdist_group runs on the worker that runs the rest of its
+# group, one after the other:
+# - "podman": the image tests share one podman storage, fixed image tags and a fixed run directory
+#   (tests/image/conftest.py), so two workers must never build or play at the same time;
+# - a fixture too costly to make once per worker (a 6-node cluster, the built wheel, a checkov scan)
+#   is made once: every test using it, per parameter, goes to the same worker.
+PODMAN_TESTS = Path(__file__).resolve().parent / "image"
+SHARED_COSTLY_FIXTURES = ("cluster", "dist", "scanned")
+
+
+def xdist_group_of(item: pytest.Item) -> str | None:
+    if item.path.is_relative_to(PODMAN_TESTS) or "podman" in item.fixturenames:
+        return "podman"
+    params = getattr(item, "callspec", None)
+    for name in SHARED_COSTLY_FIXTURES:
+        if name in item.fixturenames:
+            param = params.params.get(name) if params is not None else None
+            return f"{name}-{param}" if param is not None else f"{name}@{item.path.name}"
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        group = xdist_group_of(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield

@@ -25,7 +25,7 @@ def durable(server, tmp_path):
     with redis.Redis(port=own.port, decode_responses=True) as client:
         yield own, started, client
     started.stop_all()
-    own.stop()
+    own.close()
 
 
 def _settled(r) -> bool:

@@ -95,4 +95,4 @@ def test_group_gauges_are_absent_while_disconnected(kind: str, tmp_path: Path) -
         assert reclaimer.alive()
         services.stop_all()
     finally:
-        server.stop()
+        server.close()

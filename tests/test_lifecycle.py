@@ -23,7 +23,7 @@ def idle_port_services(tmp_path, server):
     later = DevServer(server.kind, port=port)
     yield started, later
     started.stop_all()
-    later.stop()
+    later.close()
 
 
 def test_unreachable_redis_is_retried_and_reported_not_crash_looped(idle_port_services) -> None:

@@ -606,7 +606,7 @@ class StatefulRun:
             self.masterdown.close()
         self.client.close()
         self.raw.close()
-        self.server.stop()
+        self.server.close()
 
 
 def _says_not_live(process: ServiceProcess) -> bool:

@@ -102,7 +102,7 @@ def valkey() -> Iterator[DevServer]:
     try:
         yield server
     finally:
-        server.stop()
+        server.close()
 
 
 @pytest.mark.timeout(240)

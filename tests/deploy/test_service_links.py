@@ -145,4 +145,4 @@ def test_consumer_starts_with_its_rendered_environment_and_injected_service_link
             if consumer.alive():
                 consumer.kill()
     finally:
-        server.stop()
+        server.close()
