@@ -222,7 +222,7 @@ def markdown(report: Report, command: str, date: str, chart_name: str | None) ->
                 f"| {r.name} | {_fmt(r.value, r.unit)} | {r.unit} | {runs} | {r.messages:,} | {verified} | {r.note} |"
             )
         if section == "shards":
-            out += ["", SHARDS_NOTE.strip()]
+            out += ["", SHARDS_NOTE.strip(), *shards_summary(report)]
     if any(r.section == "consumer" for r in report.results):
         out += ["", "## What profiling changed", "", CHANGES.strip()]
     out += ["", "## Method", "", METHOD.strip(), ""]
@@ -234,13 +234,30 @@ Two placements, run in turn. On one server every shard is a key on the same serv
 show what sharding costs: the server and the consumer do the same work in more, smaller calls. On
 the 3-node cluster each shard has a node of its own, and the per-node figures show each node
 carrying only its shards' share; the other nodes spend only the cluster bus and housekeeping.
-This machine has 2 cores for three Redis nodes, the producer, the consumer and the harness, so
-end-to-end throughput cannot grow with shards here, and one consumer process reading every shard
-caps every row anyway. What the cluster rows do show is the server side: "N nodes ... N x" is one
-node's capacity (one core) divided by the server CPU a message costs summed over all nodes, the
+End to end, this machine's 2 cores are shared by three Redis nodes, the producer, the consumer and
+the harness, so those rows say little about scaling: one consumer process reading every shard, and
+the cores themselves, cap them. The server side is what the cluster rows show: "N nodes ... N x" is
+one node's capacity (one core) divided by the server CPU a message costs summed over all nodes, the
 rate at which N nodes with one shard each would be full. Past one consumer process's rate, add
 consumer replicas: every consumer reads every shard.
 """
+
+
+def shards_summary(report: Report) -> list[str]:
+    """One line computed from this run: the busiest cluster node's CPU per message from 1 to 3
+    shards, and the server-side ceiling that implies."""
+    busiest = [report.get("shards", f"{n} shard{'s' if n > 1 else ''} on 3-node cluster, Redis CPU per message "
+                          "(busiest node)") for n in (1, 3)]  # fmt: skip
+    if None in busiest:
+        return []
+    one, three = busiest
+    return [
+        "",
+        f"In this run the busiest cluster node spent {one.value:.1f} us per message with 1 shard and "
+        f"{three.value:.1f} us with 3 shards on 3 nodes ({one.value / three.value:.1f}x less): one node "
+        f"full at about {1e6 / one.value:,.0f} msg/s against three nodes full at about "
+        f"{1e6 / three.value:,.0f} msg/s, for the server side alone.",
+    ]
 
 
 # The consumer's optimisations in the order profiles (py-spy, as in the section above) led to

@@ -81,5 +81,6 @@ def test_bench_quick_runs_every_section_and_writes_the_report(tmp_path: Path) ->
     for heading in headings:
         assert heading in text
     assert "`python -m bench --quick" in text
+    assert "In this run the busiest cluster node spent" in text
     assert "![benchmark chart](benchmarks.png)" in text
     assert chart.read_bytes().startswith(b"\x89PNG")
