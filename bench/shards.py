@@ -75,7 +75,9 @@ def node_name(node: redis.Redis) -> str:
 
 @contextmanager
 def cluster_placement() -> Iterator[Placement]:
-    sys.path.insert(0, str(ROOT / "tests"))  # the cluster the tests run on, so both measure one setup
+    tests = str(ROOT / "tests")  # the cluster the tests run on, so both measure one setup
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
     from support.cluster import DevCluster
 
     with DevCluster("redis", primaries=CLUSTER_NODES, replicas=0) as cluster:
