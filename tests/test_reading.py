@@ -146,3 +146,67 @@ def test_two_reads_in_flight_come_back_in_order_and_a_failure_returns_both_ackno
         assert acked == ids[:20], "both requests' acknowledgements sent again, in order"
 
     _run(redis_url, scenario)
+
+
+# Another task may close the reader's connection under it: redis-py's cluster client closes every
+# connection, those in use included, when a command of its own gets CLUSTERDOWN, and the Sentinel
+# client does on a failover. A send on it would connect again silently, and the replies it owed
+# would never come.
+
+
+def _run_with_client(redis_url: str, scenario) -> None:
+    async def main() -> None:
+        client = create_client(Settings(redis_url=redis_url))
+        acked: list[str] = []
+        reader = GroupReader(
+            client, KEYS, "c1", 10, lambda ids, _sent_at, _acknowledged: acked.extend(ids), timeout_seconds=5
+        )
+        try:
+            await scenario(client, reader, acked)
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_connection_closed_under_the_reader_owing_acknowledgements_is_replaced_and_they_go_again(
+    redis_url, r
+) -> None:
+    ids = _setup(r, 25)
+
+    async def scenario(client, reader: GroupReader, acked: list[str]) -> None:
+        await reader.send(">", None)
+        first = [e[0].decode() for e in await reader.receive()]
+        reader.acknowledge(first)
+        await reader.flush()  # a bare XACK: its reply is owed
+        await client.connection_pool.disconnect(inuse_connections=True)
+        await reader.send(">", None)
+        assert [e[0].decode() for e in await reader.receive()] == ids[10:20], "this read's own reply"
+        assert acked == first, "the acknowledgements whose reply was lost went again with the read"
+        pending = {row["message_id"] for row in r.xpending_range(KEYS.stream, KEYS.group, "-", "+", 50)}
+        assert pending == set(ids[10:20])
+
+    _run_with_client(redis_url, scenario)
+
+
+def test_a_connection_closed_under_the_reader_owing_a_read_is_an_outage_and_the_entries_stay_pending(
+    redis_url, r
+) -> None:
+    ids = _setup(r, 25)
+
+    async def scenario(client, reader: GroupReader, acked: list[str]) -> None:
+        await reader.send(">", None)
+        first = [e[0].decode() for e in await reader.receive()]
+        reader.acknowledge(first)
+        await reader.send(">", None)  # delivers ids[10:20] to c1; its reply is owed
+        await asyncio.sleep(0.2)
+        await client.connection_pool.disconnect(inuse_connections=True)
+        with pytest.raises(RedisConnectionError):
+            await reader.send(">", None)
+        assert reader.reads_in_flight == 0
+        # The next run reads its own pending entries first: nothing delivered is skipped.
+        await reader.send("0", None)
+        assert [e[0].decode() for e in await reader.receive()] == ids[10:20]
+        assert acked == first, "sent again ahead of the history read"
+
+    _run_with_client(redis_url, scenario)

@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -102,13 +103,11 @@ class GroupReader:
             await self._send(None, self._timeout)
 
     async def _send(self, read: tuple | None, deadline_seconds: float) -> None:
+        lease = await self._usable_lease()
         acks, self._due = self._due, []
         commands: list[tuple] = [("XACK", self._keys.stream, self._keys.group, *acks)] if acks else []
         if read is not None:
             commands.append(read)
-        if self._lease is None:
-            self._lease = await self._connections.acquire(self._keys.stream)
-        lease = self._lease
         connection = lease.connection
         self._in_flight.append(_Request(acks, time.time(), read, deadline_seconds, lease.asking))
         self._reads_in_flight += read is not None
@@ -118,6 +117,25 @@ class GroupReader:
         except BaseException as exc:
             await self._failed(exc)
             raise
+
+    async def _usable_lease(self) -> Lease:
+        """The lease to send on. Its connection may have been closed under it by another task:
+        redis-py's cluster client closes every connection, those in use included, on CLUSTERDOWN,
+        and so does the Sentinel client on a failover. Sending would connect again silently, and
+        the replies the old connection owed would never come: the next reply taken would be
+        another command's. So with replies owed on a closed connection, the lease is given up as
+        on any failure (acknowledgements go again); with reads among them that is an outage (their
+        entries stay pending for this consumer, and the next run reads them back first)."""
+        lease = self._lease
+        if lease is not None and self._in_flight and not lease.connection.is_connected:
+            error = RedisConnectionError("the connection to the stream's node was closed while it owed replies")
+            reads_lost = self._reads_in_flight
+            await self._failed(error)
+            if reads_lost:
+                raise error
+        if self._lease is None:
+            self._lease = await self._connections.acquire(self._keys.stream)
+        return self._lease
 
     async def receive(self) -> list[Entry]:
         """The entries of the oldest read in flight (taking the replies to bare acknowledgements

@@ -81,3 +81,32 @@ def test_the_reader_follows_ask_moved_and_a_slot_moving_under_a_blocked_read(clu
 
     asyncio.run(main())
     assert log == ["ask", "moved", "blocked read moved"]
+
+
+def test_the_reader_survives_the_cluster_client_closing_its_connection_on_clusterdown(cluster_url, cluster) -> None:
+    """redis-py's cluster client answers CLUSTERDOWN (a failover under way) on any command of its
+    own by closing every connection, the reader's included, with a bare XACK's reply owed: what
+    a sharded consumer met after a primary was killed. The next read must get its own reply."""
+    with cluster.cluster_client() as setup:
+        ids = [setup.xadd(KEYS.stream, {"n": str(n)}) for n in range(20)]
+        setup.xgroup_create(KEYS.stream, KEYS.group, id="0")
+    acked: list[str] = []
+
+    async def main() -> None:
+        client = await topology.create_client(Settings(redis_url=cluster_url, stream=KEYS.stream))
+        reader = GroupReader(client, KEYS, "c1", 10, lambda done, _at, _n: acked.extend(done), timeout_seconds=5)
+        try:
+            await reader.send(">", None)
+            first = _ids(await reader.receive())
+            reader.acknowledge(first)
+            await reader.flush()
+            await client.aclose()  # what redis-py does on ClusterDownError and SlotNotCoveredError
+            await reader.send(">", None)
+            assert _ids(await reader.receive()) == ids[10:20]
+            assert acked == first
+        finally:
+            await reader.close()
+            await client.aclose()
+
+    asyncio.run(main())
+    assert _pending(cluster) == set(ids[10:20])
