@@ -14,6 +14,7 @@ from streamgroup.connection import create_client
 from streamgroup.keys import StreamKeys
 from streamgroup.reading import GroupReader
 from streamgroup.settings import Settings
+from support.processes import wait_for
 
 KEYS = StreamKeys("reading", "g", "reading:dead")
 
@@ -24,7 +25,15 @@ def _setup(r: redis.Redis, count: int) -> list[str]:
     return ids
 
 
+def _pending_ids(r: redis.Redis) -> set[str]:
+    return {row["message_id"] for row in r.xpending_range(KEYS.stream, KEYS.group, "-", "+", 50)}
+
+
 def _run(redis_url: str, scenario) -> None:
+    _run_with_client(redis_url, lambda _client, reader, acked: scenario(reader, acked))
+
+
+def _run_with_client(redis_url: str, scenario) -> None:
     async def main() -> None:
         client = create_client(Settings(redis_url=redis_url))
         acked: list[str] = []
@@ -32,7 +41,7 @@ def _run(redis_url: str, scenario) -> None:
             client, KEYS, "c1", 10, lambda ids, _sent_at, _acknowledged: acked.extend(ids), timeout_seconds=5
         )
         try:
-            await scenario(reader, acked)
+            await scenario(client, reader, acked)
         finally:
             await client.aclose()
 
@@ -53,7 +62,7 @@ def test_acknowledgements_ride_with_the_next_read(redis_url, r) -> None:
         second = await reader.receive()
         assert [e[0].decode() for e in second] == ids[10:20]
         assert acked == ids[:10]
-        assert {row["message_id"] for row in r.xpending_range(KEYS.stream, KEYS.group, "-", "+", 50)} == set(ids[10:20])
+        assert _pending_ids(r) == set(ids[10:20])
 
     _run(redis_url, scenario)
 
@@ -154,21 +163,6 @@ def test_two_reads_in_flight_come_back_in_order_and_a_failure_returns_both_ackno
 # would never come.
 
 
-def _run_with_client(redis_url: str, scenario) -> None:
-    async def main() -> None:
-        client = create_client(Settings(redis_url=redis_url))
-        acked: list[str] = []
-        reader = GroupReader(
-            client, KEYS, "c1", 10, lambda ids, _sent_at, _acknowledged: acked.extend(ids), timeout_seconds=5
-        )
-        try:
-            await scenario(client, reader, acked)
-        finally:
-            await client.aclose()
-
-    asyncio.run(main())
-
-
 def test_a_connection_closed_under_the_reader_owing_acknowledgements_is_replaced_and_they_go_again(
     redis_url, r
 ) -> None:
@@ -183,8 +177,7 @@ def test_a_connection_closed_under_the_reader_owing_acknowledgements_is_replaced
         await reader.send(">", None)
         assert [e[0].decode() for e in await reader.receive()] == ids[10:20], "this read's own reply"
         assert acked == first, "the acknowledgements whose reply was lost went again with the read"
-        pending = {row["message_id"] for row in r.xpending_range(KEYS.stream, KEYS.group, "-", "+", 50)}
-        assert pending == set(ids[10:20])
+        assert _pending_ids(r) == set(ids[10:20])
 
     _run_with_client(redis_url, scenario)
 
@@ -199,7 +192,7 @@ def test_a_connection_closed_under_the_reader_owing_a_read_is_an_outage_and_the_
         first = [e[0].decode() for e in await reader.receive()]
         reader.acknowledge(first)
         await reader.send(">", None)  # delivers ids[10:20] to c1; its reply is owed
-        await asyncio.sleep(0.2)
+        wait_for(lambda: _pending_ids(r) == set(ids[10:20]), what="the read applied by Redis")
         await client.connection_pool.disconnect(inuse_connections=True)
         with pytest.raises(RedisConnectionError):
             await reader.send(">", None)
